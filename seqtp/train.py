@@ -1,0 +1,293 @@
+"""The training loop: task, model, method and optimizer from a :class:`~seqtp.config.Config`, with evaluation,
+``metrics.jsonl``, atomic checkpoints, exact resume and divergence handling.
+
+Run folder layout::
+
+    config.yaml      the resolved configuration
+    metrics.jsonl    one JSON object per evaluation (step, time_s, train_loss, val_loss, [val_accuracy], ...)
+    checkpoint.pt    model, optimizer, data-generator and RNG states (written atomically at every evaluation)
+    summary.json     status (completed | diverged | interrupted), final metrics, note
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+import tasks as task_registry
+
+from ._inverse import FactorizationError
+from ._methods import METHODS, Method
+from ._model import RNNModel
+from .config import Config, ConfigError, config_from_dict, to_dict
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+EVAL_CHUNK = 1024  # validation rows per forward pass
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue (existing run folder, missing checkpoint, incompatible resume)."""
+
+
+def build_task(cfg: Config, device: torch.device) -> task_registry.Task:
+    """The task of ``cfg.task``; options left ``None`` keep the task's defaults.
+
+    Raises:
+        ConfigError: unknown task, an option the task does not take, or a value the task rejects.
+    """
+    t = cfg.task
+    if t.name not in task_registry.TASKS:
+        raise ConfigError(f"task.name: unknown task {t.name!r}; choose from {', '.join(task_registry.TASKS)}")
+    cls = task_registry.TASKS[t.name]
+    accepted = inspect.signature(cls).parameters
+    options = {"seq_len": t.seq_len, "val_size": t.val_size}
+    for key in ("variant", "bits", "data_dir", "permutation_seed"):
+        value = getattr(t, key)
+        if value is None:
+            continue
+        if key not in accepted:
+            raise ConfigError(f"task.{key} does not apply to task {t.name!r}")
+        options[key] = value
+    try:
+        return cls(device=device, seed=cfg.seed, **options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def build_model(cfg: Config, task: task_registry.Task, device: torch.device) -> RNNModel:
+    torch.manual_seed(cfg.seed)  # same initial weights on every device
+    model = RNNModel(
+        task.input_size,
+        cfg.model.hidden_size,
+        task.output_size,
+        nonlinearity=cfg.model.nonlinearity,
+        readout=task.readout,
+        init=cfg.model.init,
+    )
+    return model.to(device)
+
+
+def build_method(cfg: Config) -> Method:
+    m = getattr(cfg, cfg.method)
+    if cfg.method == "tp":
+        kwargs = dict(reg=m.reg, target_lr=m.target_lr, mode=m.mode, update=m.update, eps=m.eps, shift_cap=m.shift_cap)
+    else:
+        kwargs = dict(clip=m.clip, truncation=m.truncation)
+    return METHODS[cfg.method](**kwargs)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    m = getattr(cfg, cfg.method)
+    if m.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=m.lr)
+    return torch.optim.SGD(model.parameters(), lr=m.lr, momentum=m.momentum, nesterov=m.nesterov and m.momentum > 0)
+
+
+@torch.no_grad()
+def evaluate(model: RNNModel, task, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Validation loss and metrics, in chunks of rows (weighted by chunk size)."""
+    totals: dict[str, float] = {}
+    n = x.shape[0]
+    for start in range(0, n, EVAL_CHUNK):
+        xs, ys = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
+        outputs, _ = model(xs)
+        values = {"val_loss": task.loss(outputs, ys).item()}
+        values.update({f"val_{k}": v for k, v in task.metrics(outputs, ys).items()})
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.0) + v * xs.shape[0] / n
+    return totals
+
+
+@dataclass
+class Result:
+    """What :func:`train` returns (also written to ``summary.json``)."""
+
+    status: str  # completed | diverged | interrupted
+    step: int
+    metrics: dict
+    message: str = ""
+    note: str = ""  # the task's data remark (e.g. the offline MNIST subset), carried by every output
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(out: Path, state: dict) -> None:
+    _atomic_write(out / CHECKPOINT, lambda p: torch.save(state, p))
+
+
+def _json_default(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else str(v)
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _check_resume_config(old: dict, new: dict, prefix: str = "") -> None:
+    """Resuming may change ``train.steps`` (and ``device``); any other difference is an error naming the key."""
+    for key in sorted(set(old) | set(new)):
+        full = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _check_resume_config(a, b, f"{full}.")
+        elif a != b and full not in ("train.steps", "device"):
+            raise RunError(f"cannot resume: {full} was {a!r} in the run folder, now {b!r}")
+
+
+def train(
+    cfg: Config,
+    out: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+) -> Result:
+    """Train ``cfg.method`` on ``cfg.task``, writing the run folder ``out``.
+
+    Args:
+        cfg: the validated configuration.
+        out: the run folder (created if needed).
+        device: a concrete device (``"auto"`` is resolved by the CLI, not here).
+        resume: continue the run in ``out`` from its checkpoint; ``cfg`` may differ from the stored one only in
+            ``train.steps`` and ``device``. The resumed run ends exactly where an uninterrupted run of that length
+            ends (the data generator, optimizer and RNG states are checkpointed).
+        progress: show a tqdm bar.
+
+    Returns:
+        A :class:`Result`; ``status`` is ``"diverged"`` (non-finite loss or gradient, failed factorization: the last
+        good checkpoint is kept) or ``"completed"``. On Ctrl-C the current state is checkpointed, ``summary.json``
+        says ``interrupted``, and ``KeyboardInterrupt`` propagates.
+
+    Raises:
+        RunError: ``out`` already holds a run and ``resume`` is false, or there is nothing to resume.
+        ConfigError: a bad task option.
+    """
+    out = Path(out)
+    device = torch.device(device)
+    ckpt_path = out / CHECKPOINT
+    if resume:
+        if not ckpt_path.is_file():
+            raise RunError(f"cannot resume: no {CHECKPOINT} in {out}")
+        stored = yaml.safe_load((out / "config.yaml").read_text())
+        _check_resume_config(stored, to_dict(cfg))
+        cfg = config_from_dict({**stored, "train": {**stored["train"], "steps": cfg.train.steps},
+                                "device": cfg.device}, str(out / "config.yaml"))
+    elif ckpt_path.exists() or (out / METRICS).exists():
+        raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    task = build_task(cfg, device)
+    model = build_model(cfg, task, device)
+    method = build_method(cfg)
+    optimizer = build_optimizer(cfg, model)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # tasks seed validation differently
+    val_x, val_y = task.validation_set()
+
+    step, elapsed, window_sum, window_n = 0, 0.0, 0.0, 0
+    if resume:
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed = state["step"], state["elapsed"]
+        window_sum, window_n = state["window_sum"], state["window_n"]
+        kept = [ln for ln in (out / METRICS).read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        (out / METRICS).write_text("".join(f"{ln}\n" for ln in kept))
+
+    def snapshot() -> dict:
+        return {
+            "step": step,
+            "elapsed": elapsed,
+            "window_sum": window_sum,
+            "window_n": window_n,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    last_stats: dict = {}
+    last_metrics: dict = {}
+
+    def record() -> dict:
+        nonlocal window_sum, window_n
+        model.eval()
+        row = {
+            "step": step,
+            "time_s": round(elapsed, 4),
+            "train_loss": window_sum / window_n if window_n else None,
+            **evaluate(model, task, val_x, val_y),
+        }
+        row["baseline"] = task.baseline
+        row["w_spectral_norm"] = torch.linalg.matrix_norm(model.rnn.weight_hh_l0.detach().float(), ord=2).item()
+        row.update({k: _finite_or_none(v.item()) for k, v in last_stats.items() if k.startswith("shift_")})
+        model.train()
+        with (out / METRICS).open("a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+        window_sum, window_n = 0.0, 0
+        _save_checkpoint(out, snapshot())
+        return row
+
+    def finish(status: str, message: str = "") -> Result:
+        result = Result(status, step, last_metrics, message, task.note)
+        summary = {**asdict(result), "method": cfg.method, "task": cfg.task.name, "device": str(device),
+                   "time_s": round(elapsed, 4)}
+        _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2,
+                                                                                 default=_json_default)))
+        return result
+
+    if step == 0 and not resume:
+        last_metrics = record()
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, dynamic_ncols=True,
+               desc=f"{cfg.method} {cfg.task.name}")
+    try:
+        while step < cfg.train.steps:
+            x, y = task.sample(cfg.train.batch_size, generator=generator)
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss, last_stats = method.backward(model, x, lambda s, y=y: task.loss(model.read(s), y))
+            except FactorizationError as e:
+                return finish("diverged", f"diverged at step {step + 1}: {e}")
+            grad_sq = sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None)
+            loss_value, grad_value = torch.stack([loss.float(), grad_sq.float()]).tolist()  # one host sync
+            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                what = "loss" if not math.isfinite(loss_value) else "gradient"
+                return finish("diverged", f"diverged at step {step + 1}: non-finite {what} ({loss_value:.3g}); "
+                                          f"last good checkpoint kept in {ckpt_path}")
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed += time.perf_counter() - t0
+            step += 1
+            window_sum, window_n = window_sum + loss_value, window_n + 1
+            bar.update(1)
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                last_metrics = record()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items()
+                                 if k in ("train_loss", "val_loss", "val_accuracy") and v is not None})
+    except KeyboardInterrupt:
+        _save_checkpoint(out, snapshot())
+        finish("interrupted", f"interrupted at step {step}; resume with --resume")
+        raise
+    finally:
+        bar.close()
+    if not last_metrics or last_metrics["step"] != step:
+        last_metrics = record()
+    return finish("completed")

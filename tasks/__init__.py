@@ -1,0 +1,38 @@
+"""Sequence tasks: pure batch generators on a device, with their loss, metrics and memoryless baseline.
+
+``make_task(name, **options)`` builds one from the registry ``TASKS``; every task takes the keyword-only options
+``seq_len``, ``device``, ``seed`` and ``val_size`` plus its own (see each class).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from tasks.adding import Adding
+from tasks.base import Task
+from tasks.copying import Copying
+from tasks.mnist import PermutedMNIST, PixelMNIST
+from tasks.temporal_order import TemporalOrder
+
+TASKS: dict[str, type[Task]] = {
+    "copying": Copying,
+    "adding": Adding,
+    "pixel_mnist": PixelMNIST,
+    "permuted_mnist": PermutedMNIST,
+    "temporal_order": TemporalOrder,
+}
+
+
+def make_task(name: str, **options: object) -> Task:
+    """Build the task ``name`` from its options; a ``ValueError`` for an unknown task or option."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    cls = TASKS[name]
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as err:
+        raise ValueError(f"task {name!r}: {err}") from None
+    return cls(**options)
+
+
+__all__ = ["TASKS", "Adding", "Copying", "PermutedMNIST", "PixelMNIST", "Task", "TemporalOrder", "make_task"]
