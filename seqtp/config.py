@@ -120,7 +120,7 @@ def _coerce(value, tp, key: str):
 
 def _build(cls, data, prefix: str, source: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} in {source}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {}
@@ -227,6 +227,7 @@ def _one_of(value, choices, key: str) -> None:
 def validate(cfg: Config) -> None:
     """Value checks beyond types (ranges and choices); raises :class:`ConfigError` naming the key."""
     _one_of(cfg.method, METHOD_NAMES, "method")
+    _check(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
     dev = cfg.device
     _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()), "device",
            "must be auto, cpu, cuda or cuda:N", dev)

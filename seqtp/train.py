@@ -60,7 +60,7 @@ def build_task(cfg: Config, device: torch.device) -> task_registry.Task:
         options[key] = value
     try:
         return cls(device=device, seed=cfg.seed, **options)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a missing MNIST folder or file (task.data_dir)
         raise ConfigError(str(e)) from None
 
 
@@ -168,9 +168,10 @@ def train(
         progress: show a tqdm bar.
 
     Returns:
-        A :class:`Result`; ``status`` is ``"diverged"`` (non-finite loss or gradient, failed factorization: the last
-        good checkpoint is kept) or ``"completed"``. On Ctrl-C the current state is checkpointed, ``summary.json``
-        says ``interrupted``, and ``KeyboardInterrupt`` propagates.
+        A :class:`Result`; ``status`` is ``"diverged"`` (non-finite loss, gradient or validation loss, failed
+        factorization: the last good checkpoint is kept) or ``"completed"``. On Ctrl-C the state at the last
+        completed step is checkpointed (the last checkpoint is kept if the interrupt lands in an optimizer step or
+        a checkpoint write), ``summary.json`` says ``interrupted``, and ``KeyboardInterrupt`` propagates.
 
     Raises:
         RunError: ``out`` already holds a run and ``resume`` is false, or there is nothing to resume.
@@ -199,6 +200,7 @@ def train(
     val_x, val_y = task.validation_set()
 
     step, elapsed, window_sum, window_n = 0, 0.0, 0.0, 0
+    last_metrics: dict = {}
     if resume:
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -209,6 +211,7 @@ def train(
         window_sum, window_n = state["window_sum"], state["window_n"]
         kept = [ln for ln in (out / METRICS).read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         (out / METRICS).write_text("".join(f"{ln}\n" for ln in kept))
+        last_metrics = json.loads(kept[-1]) if kept else {}
 
     def snapshot() -> dict:
         return {
@@ -223,10 +226,16 @@ def train(
         }
 
     last_stats: dict = {}
-    last_metrics: dict = {}
+    # The data-generator and RNG states before the step in progress (restored if Ctrl-C lands before its update),
+    # and whether the state is being changed (optimizer step, metrics row + checkpoint): Ctrl-C then keeps the last
+    # checkpoint, so that the resumed run is exactly the uninterrupted one wherever the interrupt lands.
+    pending: tuple | None = None
+    busy = False
 
-    def record() -> dict:
-        nonlocal window_sum, window_n
+    def record() -> dict | None:
+        """Evaluate, append the row to metrics.jsonl and checkpoint; ``None`` (nothing written) if the validation
+        loss is not finite, so that the checkpoint kept is the last good one."""
+        nonlocal window_sum, window_n, busy
         model.eval()
         row = {
             "step": step,
@@ -238,10 +247,15 @@ def train(
         row["w_spectral_norm"] = torch.linalg.matrix_norm(model.rnn.weight_hh_l0.detach().float(), ord=2).item()
         row.update({k: _finite_or_none(v.item()) for k, v in last_stats.items() if k.startswith("shift_")})
         model.train()
+        if not math.isfinite(row["val_loss"]):
+            return None
+        row = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}  # strict JSON
+        busy = True
         with (out / METRICS).open("a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
         window_sum, window_n = 0.0, 0
         _save_checkpoint(out, snapshot())
+        busy = False
         return row
 
     def finish(status: str, message: str = "") -> Result:
@@ -252,12 +266,20 @@ def train(
                                                                                  default=_json_default)))
         return result
 
+    def eval_diverged() -> Result:
+        return finish("diverged", f"diverged at step {step}: non-finite validation loss; "
+                                  f"last good checkpoint kept in {ckpt_path}")
+
     if step == 0 and not resume:
-        last_metrics = record()
+        row = record()
+        if row is None:
+            return eval_diverged()
+        last_metrics = row
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, dynamic_ncols=True,
                desc=f"{cfg.method} {cfg.task.name}")
     try:
         while step < cfg.train.steps:
+            pending = (generator.get_state(), torch.get_rng_state())
             x, y = task.sample(cfg.train.batch_size, generator=generator)
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -271,23 +293,35 @@ def train(
                 what = "loss" if not math.isfinite(loss_value) else "gradient"
                 return finish("diverged", f"diverged at step {step + 1}: non-finite {what} ({loss_value:.3g}); "
                                           f"last good checkpoint kept in {ckpt_path}")
+            busy, pending = True, None
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - t0
             step += 1
             window_sum, window_n = window_sum + loss_value, window_n + 1
+            busy = False
             bar.update(1)
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                last_metrics = record()
+                row = record()
+                if row is None:
+                    return eval_diverged()
+                last_metrics = row
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items()
                                  if k in ("train_loss", "val_loss", "val_accuracy") and v is not None})
     except KeyboardInterrupt:
-        _save_checkpoint(out, snapshot())
+        if not busy:
+            if pending is not None:
+                generator.set_state(pending[0])
+                torch.set_rng_state(pending[1])
+            _save_checkpoint(out, snapshot())
         finish("interrupted", f"interrupted at step {step}; resume with --resume")
         raise
     finally:
         bar.close()
     if not last_metrics or last_metrics["step"] != step:
-        last_metrics = record()
+        row = record()
+        if row is None:
+            return eval_diverged()
+        last_metrics = row
     return finish("completed")

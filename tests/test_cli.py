@@ -1,0 +1,477 @@
+"""End-to-end tests of the command line: every shipped config with both methods, the run folder, exact resume (after a
+clean stop and after a simulated crash), run-folder protection, bad configs, divergence and ``seqtp compare``."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import tasks
+from seqtp import BPTT, TargetProp
+from seqtp.cli import main
+from seqtp.config import config_from_dict, load_config
+from tasks.mnist import SUBSET_NOTE
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+MNIST_TASKS = ("pixel_mnist", "permuted_mnist")
+SHORT_SEQ = {"adding": 10, "copying": 5, "temporal_order": 10}  # MNIST keeps its 784 steps
+SMALL = ["model.hidden_size=8", "train.batch_size=4", "task.val_size=32"]
+METHOD_CLASSES = {"tp": TargetProp, "bptt": BPTT}
+
+
+def shrink(task: str, mnist_dir: Path | None = None, *, steps: int = 6, eval_every: int = 2) -> list[str]:
+    """``--set`` pairs that make a config of ``task`` train in a fraction of a second (MNIST: a few seconds)."""
+    pairs = [*SMALL, f"train.steps={steps}", f"train.eval_every={eval_every}"]
+    if task in MNIST_TASKS:
+        assert mnist_dir is not None
+        return [*pairs, f"task.data_dir={mnist_dir}"]
+    return [*pairs, f"task.seq_len={SHORT_SEQ[task]}"]
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``seqtp`` in-process; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([*map(str, argv), "--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train(capsys, config: str | Path, out: Path, *overrides: str, extra: tuple[str, ...] = ()) -> tuple[int, str, str]:
+    sets = ["--set", *overrides] if overrides else []
+    return cli(capsys, "train", config, "--out", out, *sets, *extra)
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def rows_without_time(run: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in rows(run)]
+
+
+def checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("seqtp: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+
+
+def config_path(task: str) -> Path:
+    return REPO / "configs" / f"{task}.yaml"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# every config, both methods
+
+
+@pytest.mark.parametrize("method", ["tp", "bptt"])
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_trains(config: Path, method: str, tmp_path: Path, capsys, request) -> None:
+    task = load_config(config).task.name
+    is_mnist = task in MNIST_TASKS
+    mnist_dir = request.getfixturevalue("mnist_dir") if is_mnist else None
+    steps, eval_every = (3, 2) if is_mnist else (5, 2)
+    overrides = shrink(task, mnist_dir, steps=steps, eval_every=eval_every)
+    out = tmp_path / "run"
+    code, stdout, err = train(capsys, config, out, *overrides, extra=("--method", method, "--device", "cpu"))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json"]
+
+    # config.yaml: the resolved configuration, loadable back, with the overrides and the method applied.
+    stored = config_from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    assert stored == load_config(config, overrides, method=method, device="cpu")
+    assert stored.method == method and stored.train.steps == steps and stored.model.hidden_size == 8
+
+    # metrics.jsonl: one row per evaluation (step 0, every eval_every steps, the last step).
+    metrics = rows(out)
+    assert [r["step"] for r in metrics] == sorted({0, *range(eval_every, steps + 1, eval_every), steps})
+    classification = tasks.TASKS[task].kind == "classification"
+    for row in metrics:
+        assert {"step", "time_s", "train_loss", "val_loss"} <= row.keys()
+        assert ("val_accuracy" in row) == classification
+        assert math.isfinite(row["val_loss"]) and row["time_s"] >= 0
+        if classification:
+            assert 0 <= row["val_accuracy"] <= 1
+    assert metrics[0]["train_loss"] is None and metrics[0]["time_s"] == 0
+    assert all(isinstance(r["train_loss"], float) and math.isfinite(r["train_loss"]) for r in metrics[1:])
+    assert [r["time_s"] for r in metrics] == sorted(r["time_s"] for r in metrics)
+
+    # checkpoint.pt: the final state.
+    state = checkpoint(out)
+    assert state["step"] == steps
+    assert state["model"]["rnn.weight_hh_l0"].shape == (8, 8)
+
+    # summary.json
+    info = summary(out)
+    assert info["status"] == "completed" and info["step"] == steps and info["message"] == ""
+    assert info["method"] == method and info["task"] == task and info["device"] == "cpu"
+    assert info["metrics"] == metrics[-1]
+
+    # stdout: a table naming the method, the note where there is one, the run folder.
+    table_row = next(line for line in stdout.splitlines() if line.startswith(method))
+    assert "completed" in table_row and str(steps) in table_row.split()
+    assert f"run folder: {out}" in stdout
+    if is_mnist:
+        assert info["note"] == SUBSET_NOTE
+        assert f"note: {SUBSET_NOTE}" in stdout
+        assert "10k" in info["note"]
+    else:
+        assert info["note"] == "" and "note:" not in stdout
+    assert err == ""
+
+
+def test_default_run_folder(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = cli(capsys, "train", config_path("adding"), "--set", *shrink("adding", steps=2))
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("adding-tp-")
+    assert summary(run)["status"] == "completed"
+    assert f"run folder: {Path('runs') / run.name}" in stdout
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# exact resume
+
+
+RESUME_TASK = "temporal_order"  # a classification task: val_accuracy is compared too
+N = 8
+
+
+@pytest.mark.parametrize("method", ["tp", "bptt"])
+def test_resume_equals_straight_run(method: str, tmp_path: Path, capsys) -> None:
+    config = config_path(RESUME_TASK)
+    base = [*shrink(RESUME_TASK, steps=N, eval_every=2), f"method={method}"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(capsys, config, straight, *base)[0] == 0
+    assert train(capsys, config, split, *base, f"train.steps={N // 2}")[0] == 0
+    assert checkpoint(split)["step"] == N // 2 and summary(split)["step"] == N // 2
+    code, _, err = train(capsys, config, split, *base, f"train.steps={N}", extra=("--resume",))
+    assert code == 0, err
+
+    assert rows_without_time(split) == rows_without_time(straight)
+    assert [r["step"] for r in rows(split)] == [0, 2, 4, 6, 8]
+    a, b = checkpoint(straight), checkpoint(split)
+    assert a["step"] == b["step"] == N
+    assert_same_weights(a["model"], b["model"])
+    assert torch.equal(a["generator"], b["generator"])
+    assert summary(split)["status"] == "completed" and summary(split)["metrics"]["step"] == N
+    # The stored config now says N steps.
+    assert yaml.safe_load((split / "config.yaml").read_text())["train"]["steps"] == N
+    # The weights did change during training (the comparison above is not vacuous).
+    first = checkpoint(tmp_path / "straight")["model"]["rnn.weight_hh_l0"]
+    fresh = tmp_path / "fresh"
+    assert train(capsys, config, fresh, *base, "train.steps=1", "train.eval_every=1")[0] == 0
+    assert not torch.equal(first, checkpoint(fresh)["model"]["rnn.weight_hh_l0"])
+
+
+def test_resume_of_a_finished_run_adds_nothing(tmp_path: Path, capsys) -> None:
+    config = config_path(RESUME_TASK)
+    base = shrink(RESUME_TASK, steps=4, eval_every=2)
+    out = tmp_path / "run"
+    assert train(capsys, config, out, *base)[0] == 0
+    before = rows(out)
+    weights = checkpoint(out)["model"]
+    code, _, err = train(capsys, config, out, *base, extra=("--resume",))
+    assert code == 0, err
+    assert rows(out) == before
+    assert_same_weights(checkpoint(out)["model"], weights)
+    assert summary(out)["status"] == "completed" and summary(out)["metrics"] == before[-1]
+
+
+def interrupt_after(monkeypatch, cls: type, name: str, calls: int, *, batch_size: int = 4) -> None:
+    """Make ``cls.name`` raise ``KeyboardInterrupt`` on its call number ``calls + 1`` of a training batch (calls of
+    ``sample`` with another batch size, e.g. building the validation set, are not counted)."""
+    original = getattr(cls, name)
+    seen = {"n": 0}
+
+    def wrapper(self, *args, **kwargs):
+        counted = name != "sample" or args[0] == batch_size
+        if counted:
+            if seen["n"] == calls:
+                raise KeyboardInterrupt
+            seen["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, wrapper)
+
+
+@pytest.mark.parametrize("where", ["sample", "backward", "optimizer"])
+@pytest.mark.parametrize("method", ["tp", "bptt"])
+def test_resume_after_crash_equals_straight_run(method: str, where: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Ctrl-C in the middle of step 6 (between evaluations at 4 and 6), then ``--resume``: identical to a straight
+    run, whether the interrupt lands before the batch is drawn, while the method computes the gradient (the batch
+    drawn is given back) or in the optimizer step (the step-4 checkpoint is kept)."""
+    config = config_path(RESUME_TASK)
+    base = [*shrink(RESUME_TASK, steps=N, eval_every=2), f"method={method}"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert train(capsys, config, straight, *base)[0] == 0
+
+    with monkeypatch.context() as m:
+        if where == "sample":
+            interrupt_after(m, tasks.TASKS[RESUME_TASK], "sample", 5)
+        elif where == "backward":
+            interrupt_after(m, METHOD_CLASSES[method], "backward", 5)
+        else:
+            interrupt_after(m, torch.optim.SGD, "step", 5)
+        code, _, err = train(capsys, config, crashed, *base)
+    assert code == 130
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    info = summary(crashed)
+    assert info["status"] == "interrupted" and info["step"] == 5
+    assert checkpoint(crashed)["step"] == (4 if where == "optimizer" else 5)
+    assert [r["step"] for r in rows(crashed)] == [0, 2, 4]
+
+    code, _, err = train(capsys, config, crashed, *base, extra=("--resume",))
+    assert code == 0, err
+    assert rows_without_time(crashed) == rows_without_time(straight)
+    assert_same_weights(checkpoint(crashed)["model"], checkpoint(straight)["model"])
+    assert summary(crashed)["status"] == "completed"
+
+
+def test_resume_without_checkpoint(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "empty"
+    code, stdout, err = train(capsys, config_path("adding"), out, *shrink("adding"), extra=("--resume",))
+    assert code == 2 and stdout == ""
+    assert_one_line_error(err, "cannot resume", "checkpoint.pt", str(out))
+
+
+def test_resume_needs_out(capsys) -> None:
+    code, _, err = cli(capsys, "train", config_path("adding"), "--resume", "--set", *shrink("adding"))
+    assert code == 2
+    assert_one_line_error(err, "--resume needs --out")
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path: Path, capsys) -> None:
+    config, out = config_path("adding"), tmp_path / "run"
+    assert train(capsys, config, out, *shrink("adding", steps=2))[0] == 0
+    before = (out / "metrics.jsonl").read_text()
+    code, stdout, err = train(capsys, config, out, *shrink("adding", steps=4))
+    assert code == 2 and stdout == ""
+    assert_one_line_error(err, "already holds a run", "--resume")
+    assert (out / "metrics.jsonl").read_text() == before
+    assert checkpoint(out)["step"] == 2 and yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [("tp.lr=0.05", "tp.lr"), ("model.hidden_size=9", "model.hidden_size"), ("method=bptt", "method"),
+     ("seed=1", "seed"), ("train.eval_every=1", "train.eval_every")],
+)
+def test_resume_with_a_changed_key(change: str, key: str, tmp_path: Path, capsys) -> None:
+    config, out = config_path("adding"), tmp_path / "run"
+    base = shrink("adding", steps=2)
+    assert train(capsys, config, out, *base)[0] == 0
+    before = (out / "metrics.jsonl").read_text()
+    code, _, err = train(capsys, config, out, *base, "train.steps=4", change, extra=("--resume",))
+    assert code == 2
+    assert_one_line_error(err, "cannot resume", key)
+    assert (out / "metrics.jsonl").read_text() == before
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bad configurations
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["train.stepz=3"], ["unknown key 'train.stepz'"]),
+        (["modle.hidden_size=3"], ["unknown key 'modle'"]),
+        (["train.steps=abc"], ["train.steps", "expected int"]),
+        (["train.steps=1.5"], ["train.steps", "expected int"]),
+        (["tp.lr=fast"], ["tp.lr", "expected float"]),
+        (["task.seq_len=-3"], ["task.seq_len", ">= 1"]),
+        (["model.hidden_size=0"], ["model.hidden_size", ">= 1"]),
+        (["tp.mode=magic"], ["tp.mode", "linearized"]),
+        (["task.name=sorting"], ["task.name", "sorting"]),
+        (["task.bits=3"], ["task.bits", "adding"]),  # an option the task does not take
+        (["task.seq_len=1"], ["task.seq_len", "1"]),  # a value the task rejects (the adding task needs T >= 2)
+        (["seed=-1"], ["error: seed must be >= 0"]),
+        (["device=tpu"], ["device"]),
+        (["train.steps"], ["--set", "key=value"]),
+    ],
+)
+def test_bad_config_is_one_line(overrides: list[str], fragments: list[str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = train(capsys, config_path("adding"), out, *overrides)
+    assert code == 2 and stdout == ""
+    assert_one_line_error(err, *fragments)
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_bad_yaml_files(tmp_path: Path, capsys) -> None:
+    code, _, err = cli(capsys, "train", tmp_path / "missing.yaml")
+    assert code == 2
+    assert_one_line_error(err, "missing.yaml", "not found")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("task: {name: adding\n")
+    code, _, err = cli(capsys, "train", broken)
+    assert code == 2
+    assert_one_line_error(err, "broken.yaml", "invalid YAML")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  stpes: 3\n")
+    code, _, err = cli(capsys, "train", unknown)
+    assert code == 2
+    assert_one_line_error(err, "unknown key 'train.stpes'", "unknown.yaml")
+
+
+def test_missing_mnist_folder_is_one_line(tmp_path: Path, capsys) -> None:
+    nowhere = tmp_path / "no-mnist"
+    code, _, err = train(capsys, config_path("pixel_mnist"), tmp_path / "run", *SMALL, f"task.data_dir={nowhere}")
+    assert code == 2
+    assert_one_line_error(err, str(nowhere))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda(tmp_path: Path, capsys) -> None:
+    code, _, err = train(capsys, config_path("adding"), tmp_path / "run", *shrink("adding"), extra=("--device", "cuda"))
+    assert code == 2
+    assert_one_line_error(err, "device", "CUDA is not available")
+
+
+def test_unknown_method_flag(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(config_path("adding")), "--method", "dtp", "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "invalid choice: 'dtp'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["seqtp", "seqtp.cli"])
+def test_subprocess_bad_config(module: str, tmp_path: Path) -> None:
+    """Through a real interpreter: exit code 2 and exactly one line on stderr, no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task:\n  name: adding\n  seq_len: -4\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "train", str(bad), "--out", str(tmp_path / "run"), "--no-progress"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == ["seqtp: error: task.seq_len must be >= 1, got -4"]
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# divergence
+
+
+def assert_finite_weights(state: dict) -> None:
+    for key, value in state["model"].items():
+        assert torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("method", ["tp", "bptt"])
+def test_divergence_from_a_nan_loss(method: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The method returns a NaN loss at step 4: exit 3, status diverged, the step-2 checkpoint kept."""
+    cls = METHOD_CLASSES[method]
+    original = cls.backward
+    calls = {"n": 0}
+
+    def poisoned(self, model, x, loss_fn):
+        calls["n"] += 1
+        loss, stats = original(self, model, x, loss_fn)
+        return (loss * float("nan"), stats) if calls["n"] == 4 else (loss, stats)
+
+    monkeypatch.setattr(cls, "backward", poisoned)
+    out = tmp_path / "run"
+    code, stdout, err = train(capsys, config_path("adding"), out, *shrink("adding", steps=6), f"method={method}")
+    assert code == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "diverged at step 4" in lines[0] and "Traceback" not in err
+    info = summary(out)
+    assert info["status"] == "diverged" and info["step"] == 3 and "diverged at step 4" in info["message"]
+    assert info["metrics"]["step"] == 2
+    state = checkpoint(out)
+    assert state["step"] == 2
+    assert_finite_weights(state)
+    assert [r["step"] for r in rows(out)] == [0, 2]
+    assert "diverged" in next(line for line in stdout.splitlines() if line.startswith(method))
+
+
+@pytest.mark.parametrize(("method", "lr"), [("tp", "1e30"), ("bptt", "1e30")])
+def test_divergence_from_a_huge_learning_rate(method: str, lr: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    overrides = [*shrink("adding", steps=20, eval_every=1), f"method={method}", f"{method}.lr={lr}"]
+    code, _, err = train(capsys, config_path("adding"), out, *overrides)
+    assert code == 3, err
+    assert len(err.strip().splitlines()) == 1 and "diverged" in err
+    info = summary(out)
+    assert info["status"] == "diverged" and info["step"] < 20
+    state = checkpoint(out)
+    assert_finite_weights(state)
+    # The kept checkpoint is a good one: its evaluation is finite and it is the last row of metrics.jsonl.
+    metrics = rows(out)
+    assert state["step"] == metrics[-1]["step"] == info["metrics"]["step"]
+    assert all(r["val_loss"] is not None and math.isfinite(r["val_loss"]) for r in metrics)
+    text = (out / "metrics.jsonl").read_text() + (out / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# compare
+
+
+def test_compare(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    code, stdout, err = cli(capsys, "compare", config_path("temporal_order"), "--methods", "tp,bptt", "--out", out,
+                            "--set", *shrink("temporal_order", steps=4))
+    assert code == 0, err
+    for method in ("tp", "bptt"):
+        assert summary(out / method)["status"] == "completed"
+        assert summary(out / method)["method"] == method
+        assert [r["step"] for r in rows(out / method)] == [0, 2, 4]
+    # Same seed, initial weights and validation data for both methods.
+    assert rows(out / "tp")[0]["val_loss"] == rows(out / "bptt")[0]["val_loss"]
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["task"] == "temporal_order" and set(comparison["runs"]) == {"tp", "bptt"}
+    assert comparison["runs"]["bptt"]["val_loss"] == rows(out / "bptt")[-1]["val_loss"]
+    png = (out / "comparison.png").read_bytes()
+    assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    table = stdout.splitlines()
+    assert table[0].split()[:3] == ["method", "status", "step"]
+    assert any(line.startswith("tp ") and "completed" in line for line in table)
+    assert any(line.startswith("bptt ") and "completed" in line for line in table)
+
+
+def test_compare_single_method(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    code, stdout, err = cli(capsys, "compare", config_path("adding"), "--methods", "bptt", "--out", out,
+                            "--set", *shrink("adding", steps=2))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["bptt", "comparison.json", "comparison.png"]
+    assert "tp " not in stdout and any(line.startswith("bptt ") for line in stdout.splitlines())
+
+
+@pytest.mark.parametrize(("methods", "fragment"), [("tp,dtp", "dtp"), ("", "(empty)"), ("BPTT", "BPTT")])
+def test_compare_unknown_method(methods: str, fragment: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    code, stdout, err = cli(capsys, "compare", config_path("adding"), "--methods", methods, "--out", out)
+    assert code == 2 and stdout == ""
+    assert_one_line_error(err, "--methods", fragment)
+    assert not out.exists()
