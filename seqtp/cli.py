@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             bad = [m for m in methods if m not in METHOD_NAMES]
+            if len(set(methods)) != len(methods):
+                raise ConfigError(f"--methods: each method once, got {args.methods!r}")
             if bad or not methods:
                 raise ConfigError(f"--methods: unknown {', '.join(bad) or '(empty)'}; choose from "
                                   f"{', '.join(METHOD_NAMES)}")

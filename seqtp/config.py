@@ -7,6 +7,7 @@ take ``null``); unknown keys and bad values raise :class:`ConfigError` with one 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +116,8 @@ def _coerce(value, tp, key: str):
     }[tp]
     if not ok:
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected float (a finite number), got {value!r}")
     return float(value) if tp is float else value
 
 

@@ -209,7 +209,13 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         step, elapsed = state["step"], state["elapsed"]
         window_sum, window_n = state["window_sum"], state["window_n"]
-        kept = [ln for ln in (out / METRICS).read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        if step > cfg.train.steps:
+            raise RunError(f"cannot resume: the checkpoint is at step {step}, beyond train.steps={cfg.train.steps}")
+        rows = [json.loads(ln) for ln in (out / METRICS).read_text().splitlines() if ln]
+        # keep the rows up to the checkpoint; an end-of-run row off the evaluation grid is dropped when the run
+        # goes on (its training-loss window was not reset), so the rows match an uninterrupted run's
+        kept = [json.dumps(r) for r in rows if r["step"] <= step
+                and (r["step"] % cfg.train.eval_every == 0 or step == cfg.train.steps)]
         (out / METRICS).write_text("".join(f"{ln}\n" for ln in kept))
         last_metrics = json.loads(kept[-1]) if kept else {}
 
@@ -253,7 +259,8 @@ def train(
         busy = True
         with (out / METRICS).open("a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
-        window_sum, window_n = 0.0, 0
+        if step % cfg.train.eval_every == 0:  # an end-of-run row off the grid keeps the window (exact resume)
+            window_sum, window_n = 0.0, 0
         _save_checkpoint(out, snapshot())
         busy = False
         return row

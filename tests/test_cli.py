@@ -189,6 +189,36 @@ def test_resume_equals_straight_run(method: str, tmp_path: Path, capsys) -> None
     assert not torch.equal(first, checkpoint(fresh)["model"]["rnn.weight_hh_l0"])
 
 
+@pytest.mark.parametrize("first", [3, 5])
+def test_resume_from_a_run_ending_off_the_evaluation_grid(first: int, tmp_path: Path, capsys) -> None:
+    """A first run of 3 or 5 steps (eval_every=2) writes an end-of-run row at an odd step; resuming to N drops it and
+    ends exactly as the straight run, training-loss windows included."""
+    config = config_path(RESUME_TASK)
+    base = shrink(RESUME_TASK, steps=N, eval_every=2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(capsys, config, straight, *base)[0] == 0
+    assert train(capsys, config, split, *base, f"train.steps={first}")[0] == 0
+    assert rows(split)[-1]["step"] == first
+    assert train(capsys, config, split, *base, extra=("--resume",))[0] == 0
+    assert rows_without_time(split) == rows_without_time(straight)
+    assert_same_weights(checkpoint(straight)["model"], checkpoint(split)["model"])
+
+
+def test_resume_below_the_checkpoint_step(tmp_path: Path, capsys) -> None:
+    config = config_path(RESUME_TASK)
+    out = tmp_path / "run"
+    assert train(capsys, config, out, *shrink(RESUME_TASK, steps=4))[0] == 0
+    code, _, err = train(capsys, config, out, *shrink(RESUME_TASK, steps=2), extra=("--resume",))
+    assert code == 2
+    assert_one_line_error(err, "step 4", "train.steps=2")
+
+
+def test_compare_duplicate_method(tmp_path: Path, capsys) -> None:
+    code, _, err = cli(capsys, "compare", config_path("adding"), "--methods", "tp,tp", "--out", tmp_path / "c")
+    assert code == 2
+    assert_one_line_error(err, "--methods", "once")
+
+
 def test_resume_of_a_finished_run_adds_nothing(tmp_path: Path, capsys) -> None:
     config = config_path(RESUME_TASK)
     base = shrink(RESUME_TASK, steps=4, eval_every=2)

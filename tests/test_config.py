@@ -115,7 +115,7 @@ def test_float_field_accepts_numbers(value: str, expected: float) -> None:
     assert cfg.tp.lr == expected and type(cfg.tp.lr) is float
 
 
-@pytest.mark.parametrize("value", ["abc", "true", "null", "[1]"])
+@pytest.mark.parametrize("value", ["abc", "true", "null", "[1]", "inf", "nan", "-.inf"])
 def test_float_field_rejects_non_numbers(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^tp\.lr: expected float"):
         load_config(None, [f"tp.lr={value}"])
