@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import platform
 import statistics
@@ -159,9 +160,13 @@ def _make_method(spec: dict) -> Method:
 
 
 def _check_shape(shape: Sequence[int]) -> Shape:
-    if len(shape) != 4 or not all(isinstance(v, int) and v >= 1 for v in shape):
+    try:
+        dims = tuple(operator.index(v) for v in shape)
+    except TypeError:
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1:
         raise ValueError(f"a shape is (batch, seq_len, hidden, input) of positive ints, got {shape!r}")
-    return tuple(shape)  # type: ignore[return-value]
+    return dims  # type: ignore[return-value]
 
 
 def _sync(device: torch.device) -> None:
@@ -251,7 +256,7 @@ def _bench_one(
             times.append((time.perf_counter() - start) * 1e3)
         optimizer.zero_grad(set_to_none=True)  # the peak then counts the gradients the iteration allocates
         peak = _peak_mem_mb(step, device)
-    except (torch.OutOfMemoryError, FactorizationError) as e:
+    except (torch.cuda.OutOfMemoryError, FactorizationError) as e:
         row.update(median_ms=None, min_ms=None, max_ms=None, peak_mem_mb=None, error=f"{type(e).__name__}: {e}")
         return row
     row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), peak_mem_mb=peak)
@@ -411,27 +416,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and data (default: 0)")
     parser.add_argument("--variants", help=f"comma-separated, default all: {','.join(VARIANTS)}")
     parser.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (default: torch's)")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace, device: torch.device) -> int:
     """Run the benchmark from :func:`add_arguments`'s options, print the table, write the JSON if asked.
 
     Without a full ``--batch --seq-len --hidden --input``, the shapes are :data:`DEFAULT_SHAPES` on CUDA and
     :data:`CPU_SHAPE` on CPU.
 
+    Args:
+        args: the parsed options. device: the resolved device (the CLI resolves ``auto``).
+
     Returns:
         The exit status: 0, or 2 on a bad option (the message goes to stderr).
     """
     try:
-        name = args.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            device = torch.device(name)
-        except RuntimeError as e:
-            raise ValueError(f"--device {name!r}: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         dims = (args.batch, args.seq_len, args.hidden, args.input)
         if all(d is not None for d in dims):
             shapes = [dims]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import bench
 from .compare import compare, format_table
 from .config import METHOD_NAMES, Config, ConfigError, load_config
 from .train import RunError, train
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several methods on the same data and plot them")
     _common(p)
     p.add_argument("--methods", default="tp,bptt", help="comma-separated methods (default: tp,bptt)")
+    p = sub.add_parser("bench", help="time full training iterations of BPTT and TP variants")
+    bench.add_arguments(p)
     return parser
 
 
@@ -59,6 +62,13 @@ def _load(args, **extra) -> tuple[Config, torch.device]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        try:
+            device = resolve_device(args.device)
+        except (ConfigError, RuntimeError) as e:
+            print(f"seqtp bench: error: {e}", file=sys.stderr)
+            return 2
+        return bench.run_from_args(args, device)
     try:
         if args.command == "train":
             cfg, device = _load(args, method=args.method)

@@ -10,6 +10,7 @@ import torch
 
 import seqtp
 from seqtp import bench as B
+from seqtp.cli import main
 
 TINY = (4, 12, 8, 2)
 NUMERIC = ("median_ms", "min_ms", "max_ms")
@@ -118,7 +119,7 @@ def test_run_from_args(tmp_path, capsys):
     args = _args("--batch", "4", "--seq-len", "12", "--hidden", "8", "--input", "2", "--device", "cpu",
                  "--repeats", "2", "--warmup", "1", "--variants", "bptt,tp-linearized-local-naive",
                  "--dtype", "float64", "--json", str(out))
-    assert B.run_from_args(args) == 0
+    assert B.run_from_args(args, torch.device("cpu")) == 0
     text = capsys.readouterr().out
     assert "tp-linearized-local-naive" in text and "x" in text.splitlines()[-2]
     doc = json.loads(out.read_text())
@@ -126,10 +127,26 @@ def test_run_from_args(tmp_path, capsys):
         "bptt", "tp-linearized-local-naive"]
 
 
-@pytest.mark.parametrize("argv", [["--batch", "4"], ["--variants", "nope"], ["--device", "nonsense"]])
+@pytest.mark.parametrize("argv", [["--batch", "4"], ["--variants", "nope"]])
 def test_run_from_args_rejects_bad_options(argv, capsys):
-    assert B.run_from_args(_args(*argv, "--repeats", "1", "--warmup", "0")) == 2
+    assert B.run_from_args(_args(*argv, "--repeats", "1", "--warmup", "0"), torch.device("cpu")) == 2
     assert "seqtp bench: error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["nonsense", "cuda:0"])
+def test_cli_bench_rejects_bad_device(device, capsys):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    assert main(["bench", "--device", device, "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqtp bench: error") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_bench_runs(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--batch", "2", "--seq-len", "5", "--hidden", "4", "--input", "1", "--device", "cpu",
+                 "--repeats", "1", "--warmup", "0", "--variants", "bptt,tp-linearized-local", "--json", str(out)]) == 0
+    assert [B.variant_name(r) for r in json.loads(out.read_text())["results"]] == ["bptt", "tp-linearized-local"]
 
 
 def test_defaults():
