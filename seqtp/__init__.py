@@ -2,29 +2,47 @@
 
 Public API (everything else is private and may change):
 
-- :class:`RNNModel`: an Elman RNN (``torch.nn.RNN`` layout) with a linear readout.
+- :func:`tp_backward`: a drop-in TP replacement for ``loss.backward()`` on a plain ``torch.nn.RNN``/``GRU``/``LSTM``.
 - :func:`propagate_targets`: TP targets by regularized inversion (Roulet & Harchaoui, TMLR 2023).
-- :class:`ElmanInverse`: the analytic regularized inverse of an Elman step; :class:`FactorizationError`.
-- :class:`Method`, :class:`TargetProp`, :class:`BPTT`, ``METHODS``: credit assignment that fills ``.grad``.
-- :func:`local_update_grads`: TP's batched local parameter update.
+- Layer-inverse solvers behind :class:`InverseSolver` (names in ``SOLVERS``): :class:`AnalyticInverse`,
+  :class:`GaussNewtonInverse`, :class:`IteratedInverse`, :class:`LearnedInverse`; :class:`ElmanInverse` (the
+  Cholesky-factorized Elman inverse) and :class:`FactorizationError`.
+- Cells: :func:`make_cell` and ``CELLS`` (Elman, GRU, LSTM steps on ``torch.nn`` parameters).
+- :class:`RNNModel`: an Elman/GRU/LSTM network (``torch.nn`` layout) with a linear readout.
+- :class:`Method`, :class:`TargetProp`, :class:`BPTT`, ``METHODS``: credit assignment that fills ``.grad``;
+  :func:`local_update_grads`: TP's batched local update for Elman cells.
 """
 
-from ._cells import elman_params
+from ._cells import CELLS, Cell, elman_params, make_cell
+from ._gauss_newton import GaussNewtonInverse
 from ._inverse import ElmanInverse, FactorizationError
-from ._methods import BPTT, METHODS, Method, TargetProp, local_update_grads
+from ._iterated import IteratedInverse
+from ._learned import LearnedInverse
+from ._methods import BPTT, METHODS, Method, TargetProp, local_update_grads, tp_backward
 from ._model import RNNModel
-from ._targets import propagate_targets
+from ._solvers import AnalyticInverse, InverseSolver
+from ._targets import SOLVERS, propagate_targets
 
 __all__ = [
     "BPTT",
+    "CELLS",
     "METHODS",
+    "SOLVERS",
+    "AnalyticInverse",
+    "Cell",
     "ElmanInverse",
     "FactorizationError",
+    "GaussNewtonInverse",
+    "InverseSolver",
+    "IteratedInverse",
+    "LearnedInverse",
     "Method",
     "RNNModel",
     "TargetProp",
     "elman_params",
     "local_update_grads",
+    "make_cell",
     "propagate_targets",
+    "tp_backward",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

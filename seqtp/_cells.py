@@ -149,3 +149,179 @@ def elman_forward(
         h = activation(drive[:, t] + h @ weight_hh.T, nonlinearity)  # [B, H]
         states.append(h)
     return torch.stack(states, dim=1)  # [B, T, H]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Any recurrent cell as a pure, batched step function (Elman, GRU, LSTM), reading torch.nn.RNN/GRU/LSTM parameters.
+
+
+def _core_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The ``torch.nn.RNNBase`` inside ``module`` (itself, or a model's ``.rnn``), checked for the supported layout."""
+    core = getattr(module, "rnn", module)
+    if not isinstance(core, (torch.nn.RNN, torch.nn.GRU, torch.nn.LSTM)):
+        raise TypeError(f"expected a torch.nn.RNN, GRU or LSTM (or seqtp.RNNModel), got {type(module).__name__}")
+    if core.num_layers != 1 or core.bidirectional or not core.batch_first:
+        raise ValueError(
+            f"only single-layer, unidirectional, batch_first=True RNNs are supported; got num_layers="
+            f"{core.num_layers}, bidirectional={core.bidirectional}, batch_first={core.batch_first}"
+        )
+    if getattr(core, "proj_size", 0):
+        raise ValueError("LSTM with proj_size > 0 is not supported")
+    return core
+
+
+class Cell:
+    """A recurrent step ``s_t = f(s_{t-1}, x_t)`` as a pure function, batched over any leading dimensions.
+
+    The state ``s`` has ``state_size`` S entries; the readout sees its first ``hidden_size`` H entries (the ``h`` of
+    ``torch.nn.RNN``/``GRU``; for LSTM ``s = [h, c]``, S = 2H). Parameters keep the names and layout of the torch
+    module (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``; gates stacked as torch does).
+
+    Shapes: ``step(state [..., S], x [..., D]) -> [..., S]``; ``full_states(x [B, T, D], hidden [B, T, H]) ->
+    [B, T, S]`` (the state sequence ``s_1 .. s_T`` from the module's outputs ``h_1 .. h_T``; ``s_0 = 0``).
+
+    Attributes:
+        kind: ``"elman"``, ``"gru"`` or ``"lstm"``.
+        output_nonlinearity: for cells whose state is ``phi(pre(s_{t-1}, x_t))`` with an invertible ``phi`` (Elman),
+            its name, and ``preactivation(state, x)`` gives ``pre``; ``None`` otherwise.
+        params: dict of the four tensors (detached unless built with ``detach=False``, so that autograd reaches
+            the module's parameters).
+    """
+
+    kind: str = ""
+    output_nonlinearity: str | None = None
+
+    def __init__(self, module: torch.nn.Module, *, detach: bool = True, dtype: torch.dtype | None = None):
+        core = _core_module(module)
+        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        params = {}
+        for name in names:
+            p = getattr(core, name, None)
+            if p is None:  # bias=False
+                p = torch.zeros(core.weight_hh_l0.shape[0], dtype=core.weight_hh_l0.dtype,
+                                device=core.weight_hh_l0.device)
+            p = p.detach() if detach else p
+            params[name] = p if dtype is None else p.to(dtype)
+        self.params = params
+        self.hidden_size = core.hidden_size
+        self.input_size = core.input_size
+        self.state_size = self.hidden_size
+
+    def _gates(self, state: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.params
+        h = state[..., : self.hidden_size]
+        gi = x @ p["weight_ih_l0"].T + p["bias_ih_l0"]  # [..., G*H]
+        gh = h @ p["weight_hh_l0"].T + p["bias_hh_l0"]  # [..., G*H]
+        return gi, gh
+
+    def step(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def full_states(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The state sequence ``[B, T, S]`` from the module's outputs ``hidden`` ``[B, T, H]`` (``h`` is the state
+        for Elman and GRU)."""
+        return hidden
+
+    def initial_state(self, like: torch.Tensor) -> torch.Tensor:
+        """``s_0 = 0`` ``[B, S]`` with the batch size, dtype and device of ``like`` ``[B, ...]``."""
+        return like.new_zeros(like.shape[0], self.state_size)
+
+    def unroll(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference forward pass by the step function, one Python step per time step: ``[B, T, D] -> [B, T, S]``."""
+        s = self.initial_state(x)
+        out = []
+        for t in range(x.shape[1]):
+            s = self.step(s, x[:, t])  # [B, S]
+            out.append(s)
+        return torch.stack(out, dim=1)  # [B, T, S]
+
+
+class ElmanCell(Cell):
+    """``h_t = phi(W h_{t-1} + U x_t + b)`` (``torch.nn.RNN``; ``phi`` may also be ``identity``)."""
+
+    kind = "elman"
+
+    def __init__(self, module, *, detach=True, dtype=None, nonlinearity: str | None = None):
+        super().__init__(module, detach=detach, dtype=dtype)
+        core = _core_module(module)
+        self.output_nonlinearity = check_nonlinearity(nonlinearity or getattr(module, "nonlinearity", None)
+                                                      or core.nonlinearity)
+
+    def preactivation(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``W h + U x + b`` ``[..., H]``."""
+        gi, gh = self._gates(state, x)
+        return gi + gh
+
+    def step(self, state, x):
+        return activation(self.preactivation(state, x), self.output_nonlinearity)
+
+
+class GRUCell(Cell):
+    """``torch.nn.GRU``'s step: ``r, z = sigmoid(.)``, ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``,
+    ``h' = (1 - z) * n + z * h`` (gates stacked ``r, z, n``)."""
+
+    kind = "gru"
+
+    def step(self, state, x):
+        gi, gh = self._gates(state, x)  # [..., 3H] each
+        i_r, i_z, i_n = gi.chunk(3, dim=-1)
+        h_r, h_z, h_n = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * state
+
+
+class LSTMCell(Cell):
+    """``torch.nn.LSTM``'s step on the state ``s = [h, c]`` (S = 2H): ``i, f, o = sigmoid(.)``, ``g = tanh(.)``,
+    ``c' = f * c + i * g``, ``h' = o * tanh(c')`` (gates stacked ``i, f, g, o``)."""
+
+    kind = "lstm"
+
+    def __init__(self, module, *, detach=True, dtype=None):
+        super().__init__(module, detach=detach, dtype=dtype)
+        self.state_size = 2 * self.hidden_size
+
+    def _gate_values(self, state, x):
+        gi, gh = self._gates(state, x)  # [..., 4H] each
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+
+    def step(self, state, x):
+        i, f, g, o = self._gate_values(state, x)
+        c = f * state[..., self.hidden_size :] + i * g  # [..., H]
+        return torch.cat([o * torch.tanh(c), c], dim=-1)  # [..., 2H]
+
+    def full_states(self, x, hidden):
+        """``[h, c]`` ``[B, T, 2H]``: the gates of every step at once from ``h_{t-1}`` (known), then the cell-state
+        recursion ``c_t = f_t * c_{t-1} + i_t * g_t`` (elementwise, one cheap loop)."""
+        h_prev = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)  # [B, T, H]
+        i, f, g, _ = self._gate_values(h_prev, x)  # [B, T, H] each
+        c = torch.zeros_like(hidden[:, 0])  # [B, H]
+        cs = []
+        for t in range(hidden.shape[1]):
+            c = f[:, t] * c + i[:, t] * g[:, t]
+            cs.append(c)
+        return torch.cat([hidden, torch.stack(cs, dim=1)], dim=-1)  # [B, T, 2H]
+
+
+CELLS: dict[str, type[Cell]] = {"elman": ElmanCell, "gru": GRUCell, "lstm": LSTMCell}
+
+
+def make_cell(module: torch.nn.Module, *, detach: bool = True, dtype: torch.dtype | None = None) -> Cell:
+    """The :class:`Cell` of a ``torch.nn.RNN``/``GRU``/``LSTM`` or a :class:`seqtp.RNNModel`.
+
+    Args:
+        module: the recurrent module (single layer, unidirectional, ``batch_first=True``) or a model with ``.rnn``.
+        detach: read detached parameters (default) or the parameters themselves (for autograd to reach them).
+        dtype: cast the parameters to this dtype.
+
+    Raises:
+        TypeError, ValueError: unsupported module or layout (one line naming what is wrong).
+    """
+    core = _core_module(module)
+    if isinstance(core, torch.nn.LSTM):
+        return LSTMCell(module, detach=detach, dtype=dtype)
+    if isinstance(core, torch.nn.GRU):
+        return GRUCell(module, detach=detach, dtype=dtype)
+    return ElmanCell(module, detach=detach, dtype=dtype)

@@ -32,8 +32,10 @@ class ElmanInverse:
 
     Raises:
         ValueError: if ``reg <= 0`` or ``eps`` is not in ``(0, 1)``.
-        FactorizationError: if the Cholesky factorization fails. There is no jitter retry: with ``reg > 0`` the
-            matrix is positive definite, so a failure means non-finite weights and the iteration must stop.
+        FactorizationError: if the Cholesky factorization fails (on the CPU). There is no jitter retry: with
+            ``reg > 0`` the matrix is positive definite, so a failure means non-finite weights and the iteration
+            must stop. On CUDA, to keep the iteration free of host syncs, ``M`` and ``N`` are filled with NaN
+            instead, so the targets and gradients are NaN and the training loop stops the run as diverged.
 
     Attributes:
         M: ``(W^T W + r I)^{-1} W^T`` ``[H, H]``.
@@ -49,13 +51,16 @@ class ElmanInverse:
         w = params.weight_hh  # [H, H]
         eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
         chol, info = torch.linalg.cholesky_ex(w.T @ w + self.reg * eye)
-        if int(info) != 0:  # one host sync per iteration; see FactorizationError
+        rhs = torch.cat([w.T, self.reg * eye], dim=1)  # [H, 2H]: solve for M and N in one call
+        mn = torch.cholesky_solve(rhs, chol)  # [H, 2H]
+        if w.is_cuda:  # no host sync: a failed factorization poisons M and N, the loss check sees NaN
+            mn = torch.where(info == 0, mn, torch.full_like(mn, float("nan")))
+        elif int(info) != 0:
             raise FactorizationError(
                 f"Cholesky factorization of W^T W + reg*I failed (reg={self.reg}, finite weights: "
                 f"{bool(torch.isfinite(w).all())})"
             )
-        rhs = torch.cat([w.T, self.reg * eye], dim=1)  # [H, 2H]: solve for M and N in one call
-        self.M, self.N = torch.cholesky_solve(rhs, chol).split(w.shape[0], dim=1)  # [H, H] each
+        self.M, self.N = mn.split(w.shape[0], dim=1)  # [H, H] each
 
     def drive(self, x: torch.Tensor) -> torch.Tensor:
         """``c_t = U x_t + b`` for all steps: ``x`` ``[B, T, D]`` -> ``[B, T, H]``."""

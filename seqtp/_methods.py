@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import torch
 
-from ._cells import ElmanParams, activation_grad_from_output, elman_params
-from ._inverse import ElmanInverse
+from ._cells import Cell, ElmanParams, activation_grad_from_output, elman_params, make_cell
 from ._model import RNNModel
-from ._targets import MODES, propagate_shifts
+from ._solvers import InverseSolver
+from ._targets import SOLVERS, check_mode, complete_states, make_solver
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 UPDATES = ("local", "through_time")
@@ -33,6 +33,13 @@ class Method(ABC):
     @abstractmethod
     def backward(self, model: RNNModel, x: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
         """Fill ``.grad`` for one batch; see the class docstring."""
+
+    def state_dict(self) -> dict:
+        """State to checkpoint (e.g. a learned inverse's weights); empty for stateless methods."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -58,7 +65,7 @@ class BPTT(Method):
         self.clip, self.truncation = clip, truncation
 
     def backward(self, model, x, loss_fn):
-        loss = loss_fn(model.states(x, truncation=self.truncation))
+        loss = loss_fn(hidden_states(model, x, truncation=self.truncation))
         loss.backward()
         stats = {}
         if self.clip is not None:
@@ -89,26 +96,56 @@ def local_update_grads(
     return g_ih, g_hh, g_z.sum(dim=(0, 1))  # [H]
 
 
-class TargetProp(Method):
-    """TP through time by regularized inversion (Roulet & Harchaoui, TMLR 2023).
+def hidden_states(module: torch.nn.Module, x: torch.Tensor, *, truncation: int | None = None) -> torch.Tensor:
+    """The outputs ``h_1 .. h_T`` ``[B, T, H]`` of an :class:`RNNModel` or a plain ``torch.nn.RNN``/``GRU``/``LSTM``."""
+    if isinstance(module, RNNModel):
+        return module.states(x, truncation=truncation)
+    if truncation is not None:
+        raise ValueError("truncation needs a seqtp.RNNModel")
+    out, _ = module(x)
+    return out
 
-    1. Forward pass ``h_1 .. h_T`` with ``torch.nn.RNN``.
+
+def local_update_loss(cell: Cell, x: torch.Tensor, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The local TP loss for any cell, one batched computation over all steps:
+    ``(1/B) sum_b sum_t 1/2 |f(s_{t-1}, x_t; theta) - v_t|^2`` with ``s_{t-1}``, ``v_t`` constant.
+
+    Args:
+        cell: built with ``detach=False`` so that autograd reaches the module's parameters.
+        x: ``[B, T, D]``; states: ``s_1 .. s_T`` ``[B, T, S]``; targets: ``v`` ``[B, T, S]``.
+    """
+    prev = torch.cat([cell.initial_state(states).unsqueeze(1), states[:, :-1]], dim=1)  # [B, T, S]: s_0 = 0
+    pred = cell.step(prev, x)  # [B, T, S]: every step at once
+    return 0.5 * (pred - targets).square().sum(dim=(1, 2)).mean()
+
+
+class TargetProp(Method):
+    """TP through time by regularized inversion (Roulet & Harchaoui, TMLR 2023), for any recurrent cell.
+
+    1. Forward pass with the torch module (cuDNN on GPU); the state sequence ``s_1 .. s_T`` (``s = h``; LSTM:
+       ``s = [h, c]``).
     2. Direct targets from the loss, per sample: ``dhat_t = -target_lr * dl_i/dh_t`` where ``l_i`` is sample ``i``'s
        loss (``= B * dL/dh_t`` for the batch-mean loss ``L``), so targets do not depend on the batch size. The
        readout gets its ordinary gradient of ``L``.
-    3. Targets ``v_t = h_t + delta_t`` by :func:`seqtp.propagate_targets`'s rule ``mode``.
-    4. RNN gradient by ``update``: ``"local"``, the batch mean of ``sum_t 1/2 |phi(W h_{t-1} + U x_t + b) - v_t|^2``
-       with ``h_{t-1}``, ``v_t`` constant (:func:`local_update_grads`), or ``"through_time"``, the batch mean of
-       ``sum_t 1/2 |h_t(theta) - v_t|^2`` back-propagated through the unrolled graph (the paper's public code).
+    3. Targets ``v_t = s_t + delta_t`` by :func:`seqtp.propagate_targets`'s rule ``mode`` with the inverse
+       ``solver`` (``"auto"``: analytic for Elman, Gauss-Newton otherwise; or an ``InverseSolver`` instance). A
+       solver with a ``fit`` method (the learned inverse) gets one training step per batch first (TPTT order).
+    4. RNN gradient by ``update``: ``"local"``, the batch mean of ``sum_t 1/2 |f(s_{t-1}, x_t) - v_t|^2`` with
+       ``s_{t-1}``, ``v_t`` constant (Elman: the closed form :func:`local_update_grads`; other cells: one batched
+       autograd call), or ``"through_time"``, the batch mean of ``sum_t 1/2 |s_t(theta) - v_t|^2`` back-propagated
+       through the unrolled graph (the paper's public code).
 
     Both losses are batch means, so the learning rate and ``target_lr`` are independent of the batch size (the
     reference code mixes a batch mean with a batch sum).
 
     Args:
         reg: ``r > 0`` of the regularized inverse. target_lr: ``gamma_h``. mode: the target rule. update: as above.
-        eps: clamp margin of ``atanh``. shift_cap: per-step cap ``|delta_t| <= shift_cap * |h_t|`` (``None``: off).
+        eps: clamp margin of ``atanh``. shift_cap: per-step cap ``|delta_t| <= shift_cap * |s_t|`` (``None``: off).
+        solver: a name of ``seqtp.SOLVERS``, ``"auto"``, or an ``InverseSolver`` instance.
+        solver_options: keyword options of the named solver (e.g. ``{"space": "output", "tol": 1e-6}``).
 
-    Stats: ``shift_first``, ``shift_mid``, ``shift_last``: batch mean of ``|delta_t|`` at ``t = 1, T/2, T``.
+    Stats: ``shift_first``, ``shift_mid``, ``shift_last``: batch mean of ``|delta_t|`` at ``t = 1, T/2, T``;
+    ``feedback_loss`` for a learned inverse; the solver's report as ``solver_<key>``.
     """
 
     def __init__(
@@ -120,44 +157,137 @@ class TargetProp(Method):
         update: str = "local",
         eps: float = 1e-3,
         shift_cap: float | None = None,
+        solver: str | InverseSolver = "auto",
+        solver_options: dict | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_mode(mode)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
         if not target_lr > 0:
             raise ValueError(f"target_lr must be > 0, got {target_lr}")
         if shift_cap is not None and not shift_cap > 0:
             raise ValueError(f"shift_cap must be > 0, got {shift_cap}")
+        if not reg > 0:
+            raise ValueError(f"reg must be > 0, got {reg}")
+        if isinstance(solver, str) and solver != "auto" and solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose from auto, {', '.join(SOLVERS)}")
         self.reg, self.target_lr, self.mode, self.update = reg, target_lr, mode, update
         self.eps, self.shift_cap = eps, shift_cap
+        self.solver_name = solver if isinstance(solver, str) else None
+        self.solver_options = dict(solver_options or {})
+        self._solver = solver if isinstance(solver, InverseSolver) else None
+        self._pending_state: dict | None = None
+
+    def solver_for(self, cell: Cell) -> InverseSolver:
+        """The solver instance (built at the first call, then kept: a learned inverse carries its weights)."""
+        if self._solver is None:
+            options = dict(self.solver_options)
+            name = self.solver_name
+            resolved = name if name != "auto" else ("analytic" if cell.output_nonlinearity else "gauss_newton")
+            if resolved in ("analytic", "iterated") and "eps" not in options:
+                options["eps"] = self.eps
+            self._solver = make_solver(resolved, cell=cell, reg=self.reg, **options)
+        return self._solver
+
+    def state_dict(self) -> dict:
+        solver = self._solver
+        if solver is not None and hasattr(solver, "state_dict"):
+            return {"solver": solver.state_dict()}
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        if "solver" in state:
+            if self._solver is not None and hasattr(self._solver, "load_state_dict"):
+                self._solver.load_state_dict(state["solver"])
+            else:  # loaded at the first backward, once the solver exists
+                self._pending_state = state
 
     def backward(self, model, x, loss_fn):
         through_time = self.update == "through_time"
         with torch.set_grad_enabled(through_time):
-            states = model.states(x)  # [B, T, H]
-        leaf = states.detach().requires_grad_()
+            hidden = hidden_states(model, x)  # [B, T, H]
+        leaf = hidden.detach().requires_grad_()
         loss = loss_fn(leaf)
         loss.backward()  # readout .grad, and dL/dh_t in leaf.grad
-        direct = leaf.grad * (-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -gamma_h * dl_i/dh_t
-        params = elman_params(model)
-        inverse = ElmanInverse(params, reg=self.reg, eps=self.eps)
-        deltas = propagate_shifts(
-            inverse, x, leaf.detach(), direct, mode=self.mode, shift_cap=self.shift_cap
-        )  # [B, T, H]
-        rnn = model.rnn
+        cell = make_cell(model)
+        direct_h = leaf.grad * (-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -gamma_h * dl_i/dh_t
+        states, direct = complete_states(cell, x, leaf.detach(), direct_h)  # [B, T, S] each
+        solver = self.solver_for(cell)
+        stats = {}
+        if hasattr(solver, "fit"):
+            if self._pending_state is not None:
+                solver.bind(cell, x, states)  # creates the feedback weights, then restores them
+                solver.load_state_dict(self._pending_state["solver"])
+                self._pending_state = None
+            stats["feedback_loss"] = torch.as_tensor(solver.fit(cell, x, states))
+        solver.bind(cell, x, states)
+        deltas = solver.propagate(direct, mode=self.mode, shift_cap=self.shift_cap)  # [B, T, S]
+        targets = states + deltas
         if through_time:
-            targets = leaf.detach() + deltas
-            (0.5 * (states - targets).square().sum(dim=(1, 2)).mean()).backward()
-        else:
-            g_ih, g_hh, g_b = local_update_grads(params, x, leaf.detach(), deltas)
-            pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh), (rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
+            graph_cell = make_cell(model, detach=False)
+            full = graph_cell.full_states(x, hidden)  # [B, T, S] with the graph
+            (0.5 * (full - targets).square().sum(dim=(1, 2)).mean()).backward()
+        elif cell.kind == "elman":  # closed form, no autograd
+            rnn = getattr(model, "rnn", model)
+            params = elman_params(model)
+            g_ih, g_hh, g_b = local_update_grads(params, x, states, deltas)
+            pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
+            if rnn.bias:
+                pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
             for p, g in pairs:
                 _accumulate(p, g)
+        else:
+            local_update_loss(make_cell(model, detach=False), x, states, targets).backward()
         norms = deltas.norm(dim=-1).mean(dim=0)  # [T]
         seq_len = norms.shape[0]
-        stats = {"shift_first": norms[0], "shift_mid": norms[seq_len // 2], "shift_last": norms[-1]}
+        stats.update({"shift_first": norms[0], "shift_mid": norms[seq_len // 2], "shift_last": norms[-1]})
+        stats.update({f"solver_{k}": torch.as_tensor(v) for k, v in solver.report().items()})
         return loss.detach(), stats
+
+
+def tp_backward(
+    rnn: torch.nn.Module,
+    x: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    reg: float,
+    target_lr: float,
+    mode: str = "linearized",
+    update: str = "local",
+    solver: str | InverseSolver = "auto",
+    eps: float = 1e-3,
+    shift_cap: float | None = None,
+    solver_options: dict | None = None,
+) -> float:
+    """Drop-in TP replacement for ``loss.backward()`` on a plain single-layer ``torch.nn.RNN``/``GRU``/``LSTM``.
+
+    Fills ``.grad`` of the RNN's parameters by target propagation through time (regularized inversion, Roulet &
+    Harchaoui, TMLR 2023; see :class:`TargetProp`) and of every parameter ``loss_fn`` uses (e.g. the user's
+    readout) by their ordinary gradient; any ``torch.optim`` optimizer can then step. Gradients accumulate, as with
+    ``loss.backward()``.
+
+    Args:
+        rnn: ``torch.nn.RNN`` (tanh or relu), ``GRU`` or ``LSTM``; one layer, unidirectional, ``batch_first=True``.
+        x: inputs ``[B, T, D]``.
+        loss_fn: ``states [B, T, H] -> scalar``, the readout and the loss as a batch mean.
+        reg, target_lr, mode, update, solver, eps, shift_cap, solver_options: as in :class:`TargetProp`. A stateful
+            solver (``"learned"``) must be passed as an instance so that it keeps its weights between calls.
+
+    Returns:
+        The loss value (a float).
+
+    Raises:
+        TypeError: not an RNN/GRU/LSTM module. ValueError: multi-layer, bidirectional, ``batch_first=False``,
+        LSTM ``proj_size > 0``, or bad options.
+    """
+    make_cell(rnn)  # validates the module before any work
+    if solver == "learned":
+        raise ValueError("solver='learned' keeps trained weights between calls: pass a seqtp LearnedInverse "
+                         "instance, or use seqtp.TargetProp(solver='learned') and keep it")
+    method = TargetProp(reg=reg, target_lr=target_lr, mode=mode, update=update, eps=eps, shift_cap=shift_cap,
+                        solver=solver, solver_options=solver_options)
+    loss, _ = method.backward(rnn, x, loss_fn)
+    return loss.item()
 
 
 METHODS: dict[str, type[Method]] = {"bptt": BPTT, "tp": TargetProp}

@@ -1,85 +1,69 @@
-"""Target rules of TP through time by regularized inversion (math core: imports only torch).
+"""Target propagation through time: the solver registry and :func:`propagate_targets` (math core: imports only torch).
 
-Roulet & Harchaoui, "Target Propagation via Regularized Inversion", TMLR 2023. Targets are ``v_t = h_t + delta_t``
+Roulet & Harchaoui, "Target Propagation via Regularized Inversion", TMLR 2023. Targets are ``v_t = s_t + delta_t``
 with ``delta_T = dhat_T``, propagated backwards in time by one of three rules (``psi_t`` is the regularized inverse
-of step ``t``, see :mod:`seqtp._inverse`):
+of step ``t``, computed by an :class:`~seqtp._solvers.InverseSolver`):
 
-- ``linearized``: ``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)`` (Jacobian of ``psi_t`` at ``h_t``),
-- ``difference``: ``v_{t-1} = h_{t-1} + dhat_{t-1} + psi_t(v_t) - psi_t(h_t)``,
+- ``linearized``: ``delta_{t-1} = dhat_{t-1} + J_psi_t(s_t) delta_t`` (Elman: ``M (a'(h_t) * delta_t)``),
+- ``difference``: ``v_{t-1} = s_{t-1} + dhat_{t-1} + psi_t(v_t) - psi_t(s_t)``,
 - ``exact``:      ``v_{t-1} = psi_t(v_t) + dhat_{t-1}``.
 
-This is the pure-torch reference recursion: a Python loop over time, each step one batched ``[B, H] x [H, H]``
-product.
+The reference recursion is a Python loop over time, each step one batched computation over the batch rows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._cells import elman_params, inverse_activation_grad
-from ._inverse import ElmanInverse
+from ._cells import Cell, make_cell
+from ._gauss_newton import GaussNewtonInverse
+from ._iterated import IteratedInverse
+from ._learned import LearnedInverse
+from ._solvers import MODES, AnalyticInverse, InverseSolver, cap_shift, check_mode
 
-MODES = ("linearized", "difference", "exact")
+__all__ = ["MODES", "SOLVERS", "cap_shift", "check_mode", "complete_states", "make_solver", "propagate_targets"]
+
+SOLVERS: dict[str, type[InverseSolver]] = {
+    "analytic": AnalyticInverse,
+    "gauss_newton": GaussNewtonInverse,
+    "iterated": IteratedInverse,
+    "learned": LearnedInverse,
+}
 
 
-def cap_shift(delta: torch.Tensor, h: torch.Tensor, shift_cap: float | None) -> torch.Tensor:
-    """Rescale each row so that ``|delta| <= shift_cap * |h|`` (no-op when ``shift_cap`` is ``None``).
+def make_solver(name: str, *, cell: Cell, reg: float, **options) -> InverseSolver:
+    """The solver ``name`` (a key of :data:`SOLVERS`, or ``"auto"``: ``analytic`` for Elman cells, else
+    ``gauss_newton``) built with ``reg`` and its own keyword ``options``.
 
-    Linearized tanh targets are multiplied by ``a'(h) = 1 / (1 - h^2)`` at every step, so shifts can grow
-    geometrically backwards in time; this per-step, per-sample cap relative to the state norm bounds them.
-
-    Args:
-        delta: shifts ``[B, H]``; h: states ``[B, H]``; shift_cap: the ratio, or ``None``.
+    Raises:
+        ValueError: unknown name, or an option the solver does not take (one line naming it).
     """
-    if shift_cap is None:
-        return delta
-    norm = delta.norm(dim=-1, keepdim=True)  # [B, 1]
-    limit = shift_cap * h.norm(dim=-1, keepdim=True)  # [B, 1]
-    scale = torch.where(norm > limit, limit / norm.clamp_min(torch.finfo(delta.dtype).tiny), 1.0)
-    return delta * scale
+    if name == "auto":
+        name = "analytic" if cell.output_nonlinearity is not None else "gauss_newton"
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose from auto, {', '.join(SOLVERS)}")
+    try:
+        return SOLVERS[name](reg=reg, **options)
+    except TypeError as e:
+        raise ValueError(f"solver {name!r}: {e}") from None
 
 
-def propagate_shifts(
-    inverse: ElmanInverse,
-    x: torch.Tensor,
-    states: torch.Tensor,
-    direct_shifts: torch.Tensor,
-    *,
-    mode: str = "linearized",
-    shift_cap: float | None = None,
-) -> torch.Tensor:
-    """The target shifts ``delta = v - h`` ``[B, T, H]`` (see :func:`propagate_targets`; same arguments)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    batch, seq_len, hidden = states.shape
-    if direct_shifts.shape != states.shape or x.shape[:2] != states.shape[:2]:
+def complete_states(
+    cell: Cell, x: torch.Tensor, states: torch.Tensor, direct_shifts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full states ``[B, T, S]`` and direct shifts ``[B, T, S]`` from the module's outputs ``[B, T, H]`` (LSTM:
+    ``s = [h, c]``, the cell state recomputed, its direct shifts zero); full-size inputs pass through."""
+    if states.shape[-1] == cell.state_size:
+        return states, direct_shifts
+    if states.shape[-1] != cell.hidden_size or direct_shifts.shape != states.shape:
         raise ValueError(
-            f"shape mismatch: x {tuple(x.shape)}, states {tuple(states.shape)}, "
-            f"direct_shifts {tuple(direct_shifts.shape)}; expected [B, T, D], [B, T, H], [B, T, H]"
+            f"states {tuple(states.shape)} and direct_shifts {tuple(direct_shifts.shape)} must be [B, T, "
+            f"{cell.hidden_size}] or [B, T, {cell.state_size}] for this {cell.kind} cell"
         )
-    deltas = torch.empty_like(states)  # [B, T, H]
-    delta = cap_shift(direct_shifts[:, -1], states[:, -1], shift_cap)  # [B, H]
-    deltas[:, -1] = delta
-    if mode == "linearized":
-        a_grad = inverse_activation_grad(states, inverse.params.nonlinearity, eps=inverse.eps)  # [B, T, H]
-        m_t = inverse.M.T
-        for t in range(seq_len - 1, 0, -1):
-            delta = torch.addmm(direct_shifts[:, t - 1], a_grad[:, t] * delta, m_t)  # [B, H]
-            delta = cap_shift(delta, states[:, t - 1], shift_cap)
-            deltas[:, t - 1] = delta
-    elif mode == "difference":
-        for t in range(seq_len - 1, 0, -1):
-            delta = direct_shifts[:, t - 1] + inverse.difference(delta, states[:, t])  # [B, H]
-            delta = cap_shift(delta, states[:, t - 1], shift_cap)
-            deltas[:, t - 1] = delta
-    else:  # exact
-        drive = inverse.drive(x)  # [B, T, H]
-        for t in range(seq_len - 1, 0, -1):
-            h_prev = states[:, t - 1]  # [B, H]
-            v_prev = inverse.invert(states[:, t] + delta, h_prev, drive[:, t]) + direct_shifts[:, t - 1]
-            delta = cap_shift(v_prev - h_prev, h_prev, shift_cap)
-            deltas[:, t - 1] = delta
-    return deltas
+    full = cell.full_states(x, states)  # [B, T, S]
+    direct = torch.zeros_like(full)
+    direct[..., : cell.hidden_size] = direct_shifts
+    return full, direct
 
 
 def propagate_targets(
@@ -92,35 +76,47 @@ def propagate_targets(
     mode: str = "linearized",
     eps: float = 1e-3,
     shift_cap: float | None = None,
+    solver: str | InverseSolver = "auto",
 ) -> torch.Tensor:
-    """Propagate targets backwards through time by regularized inversion of each Elman step.
+    """Propagate targets backwards through time by regularized inversion of each recurrent step.
 
-    With ``v_T = h_T + dhat_T`` and ``delta_t = v_t - h_t``, each step back applies ``mode``:
+    With ``v_T = s_T + dhat_T`` and ``delta_t = v_t - s_t``, each step back applies ``mode``:
 
-    - ``"linearized"``: ``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)``, ``M = (W^T W + r I)^{-1} W^T``,
-    - ``"difference"``: ``v_{t-1} = h_{t-1} + dhat_{t-1} + psi_t(v_t) - psi_t(h_t)``,
+    - ``"linearized"``: ``delta_{t-1} = dhat_{t-1} + J_psi_t(s_t) delta_t`` (Elman, analytic:
+      ``M (a'(h_t) * delta_t)``, ``M = (W^T W + r I)^{-1} W^T``),
+    - ``"difference"``: ``v_{t-1} = s_{t-1} + dhat_{t-1} + psi_t(v_t) - psi_t(s_t)``,
     - ``"exact"``: ``v_{t-1} = psi_t(v_t) + dhat_{t-1}``,
 
-    where ``psi_t(v) = argmin_u |a(v) - W u - U x_t - b|^2 + r |u - h_{t-1}|^2`` (Roulet & Harchaoui, TMLR 2023).
-    Device and dtype follow the inputs; nothing is differentiated (call it on detached tensors).
+    where ``psi_t(v) = argmin_u |a(v) - W u - U x_t - b|^2 + r |u - h_{t-1}|^2`` for the analytic Elman inverse
+    (Roulet & Harchaoui, TMLR 2023), or the solver's own regularized inverse. Device and dtype follow the inputs;
+    nothing is differentiated (call it on detached tensors).
 
     Args:
-        rnn: a single-layer, ``batch_first`` ``torch.nn.RNN`` or a :class:`seqtp.RNNModel`.
+        rnn: a single-layer, ``batch_first`` ``torch.nn.RNN``/``GRU``/``LSTM`` or a :class:`seqtp.RNNModel`.
         x: inputs ``[B, T, D]``.
-        states: the forward states ``h_1 .. h_T`` ``[B, T, H]`` (the RNN's output).
-        direct_shifts: ``dhat`` ``[B, T, H]``, zero at steps that carry no loss.
+        states: the forward states ``[B, T, H]`` (the module's output) or full states ``[B, T, S]`` (LSTM: ``S = 2H``,
+            ``[h, c]``).
+        direct_shifts: ``dhat`` with the shape of ``states``, zero at steps that carry no loss.
         reg: ``r > 0``, the proximal weight of the inverse.
         mode: ``"linearized"`` (default), ``"difference"`` or ``"exact"``.
-        eps: the clamp margin of ``atanh`` for tanh cells.
-        shift_cap: if given, every ``delta_t`` is rescaled per sample so that ``|delta_t| <= shift_cap * |h_t|``
+        eps: the clamp margin of ``atanh`` for tanh cells (analytic solver).
+        shift_cap: if given, every ``delta_t`` is rescaled per sample so that ``|delta_t| <= shift_cap * |s_t|``
             before it is propagated further (a safeguard against geometric growth; ``None`` = off).
+        solver: a name of :data:`SOLVERS` or ``"auto"`` (analytic for Elman, Gauss-Newton otherwise), or an
+            :class:`~seqtp._solvers.InverseSolver` instance (then ``reg`` and ``eps`` are its own).
 
     Returns:
-        The targets ``v`` ``[B, T, H]``, with ``v[:, -1] = states[:, -1] + direct_shifts[:, -1]`` (when uncapped).
+        The targets ``v`` ``[B, T, S]``, with ``v[:, -1] = s[:, -1] + dhat[:, -1]`` (when uncapped).
 
     Raises:
-        ValueError: on a bad mode, shapes, ``reg`` or ``eps``, or an unsupported RNN.
-        seqtp.FactorizationError: if ``W^T W + r I`` cannot be factorized.
+        ValueError: on a bad mode, shapes, ``reg`` or ``eps``, an unknown solver, or an unsupported RNN.
+        seqtp.FactorizationError: if the analytic inverse cannot factorize ``W^T W + r I``.
     """
-    inverse = ElmanInverse(elman_params(rnn, dtype=states.dtype), reg=reg, eps=eps)
-    return states + propagate_shifts(inverse, x, states, direct_shifts, mode=mode, shift_cap=shift_cap)
+    check_mode(mode)
+    cell = make_cell(rnn, dtype=states.dtype)
+    full, direct = complete_states(cell, x, states, direct_shifts)
+    if not isinstance(solver, InverseSolver):
+        options = {"eps": eps} if solver in ("auto", "analytic") and cell.output_nonlinearity else {}
+        solver = make_solver(solver, cell=cell, reg=reg, **options)
+    solver.bind(cell, x, full)
+    return full + solver.propagate(direct, mode=mode, shift_cap=shift_cap)

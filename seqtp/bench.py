@@ -11,7 +11,7 @@ Variants (names for ``bench(variants=...)`` and ``--variants``):
   ``torch``).
 - ``tp-{mode}-{update}`` for ``mode`` in ``linearized``, ``difference``, ``exact`` and ``update`` in ``local``,
   ``through_time``: :class:`seqtp.TargetProp` with ``reg=1.0``, ``target_lr=0.1`` (backend ``torch``: the reference
-  recursion :func:`seqtp._targets.propagate_shifts`).
+  recursion :meth:`seqtp.AnalyticInverse.propagate`).
 - ``tp-linearized-local-naive``: the same computation written like the paper's public code (Roulet & Harchaoui,
   TMLR 2023): a Python loop over time that, at every step, computes ``a'(h_t)``, solves with the Cholesky factor
   (``torch.cholesky_solve``) instead of reusing a precomputed ``M``, and adds the step's local loss to a sum that is
@@ -68,7 +68,13 @@ def _variant_specs() -> dict[str, dict]:
         for update in UPDATES:
             specs[f"tp-{mode}-{update}"] = {"method": "tp", "mode": mode, "update": update, "backend": "torch"}
     specs["tp-linearized-local-naive"] = {"method": "tp", "mode": "linearized", "update": "local", "backend": "naive"}
+    for mode, backends in (("linearized", ("triton", "cuda_graph")), ("difference", ("triton",))):
+        for backend in backends:  # CUDA only
+            specs[f"tp-{mode}-local-{backend}"] = {"method": "tp", "mode": mode, "update": "local", "backend": backend}
     return specs
+
+
+CUDA_ONLY_BACKENDS = ("triton", "cuda_graph")
 
 
 VARIANTS: dict[str, dict] = _variant_specs()
@@ -80,7 +86,7 @@ def variant_name(row: dict) -> str:
     if row["method"] == "bptt":
         return "bptt"
     name = f"tp-{row['mode']}-{row['update']}"
-    return f"{name}-naive" if row["backend"] == "naive" else name
+    return name if row["backend"] == "torch" else f"{name}-{row['backend']}"
 
 
 def parse_variants(text: str | Sequence[str] | None) -> list[str]:
@@ -156,7 +162,8 @@ def _make_method(spec: dict) -> Method:
         return BPTT()
     if spec["backend"] == "naive":
         return _NaiveTargetProp(reg=REG, target_lr=TARGET_LR)
-    return TargetProp(reg=REG, target_lr=TARGET_LR, mode=spec["mode"], update=spec["update"])
+    return TargetProp(reg=REG, target_lr=TARGET_LR, mode=spec["mode"], update=spec["update"],
+                      solver="analytic", solver_options={"backend": spec["backend"]})
 
 
 def _check_shape(shape: Sequence[int]) -> Shape:
@@ -292,7 +299,8 @@ def bench(
         shapes: ``(batch, seq_len, hidden, input)`` tuples.
         device: where the model and data live (``"cpu"``, ``"cuda"``, ``"cuda:1"``; not ``"auto"``).
         dtype: the model and data dtype.
-        variants: names (see :data:`VARIANTS`), as a list or a comma list; ``None``: all.
+        variants: names (see :data:`VARIANTS`), as a list or a comma list; ``None``: all (on CPU, all but the
+            CUDA-only ``triton`` and ``cuda_graph`` backends).
         repeats: timed iterations per variant (>= 1). warmup: untimed iterations before them (>= 0).
         seed: seeds the initial weights and data, the same for every variant of a shape.
         progress: print each row to stderr as it finishes.
@@ -307,6 +315,8 @@ def bench(
     """
     device = torch.device(device)
     names = parse_variants(variants)
+    if variants is None and device.type != "cuda":  # the default set on CPU leaves out the CUDA-only backends
+        names = [n for n in names if VARIANTS[n]["backend"] not in CUDA_ONLY_BACKENDS]
     checked = [_check_shape(s) for s in shapes]
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")

@@ -36,8 +36,9 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    cell: str = "elman"  # elman | gru | lstm
     hidden_size: int = 100
-    nonlinearity: str = "tanh"  # tanh | relu | identity
+    nonlinearity: str = "tanh"  # tanh | relu | identity (elman only)
     init: str = "orthogonal"  # orthogonal | default
 
 
@@ -61,6 +62,13 @@ class TPConfig(OptimizerFields):
     update: str = "local"  # local | through_time
     eps: float = 1e-3
     shift_cap: float | None = None  # |delta_t| <= shift_cap * |h_t| at every step
+    solver: str = "auto"  # auto (analytic for elman, else gauss_newton) | analytic | gauss_newton | iterated | learned
+    space: str | None = None  # gauss_newton: output | preactivation (elman only)
+    tol: float | None = None  # gauss_newton / iterated: stopping tolerance
+    max_iter: int | None = None  # gauss_newton: Gauss-Newton iterations
+    steps: int | None = None  # iterated: refinement steps K
+    feedback_lr: float | None = None  # learned: SGD step of the feedback cell
+    noise: float | None = None  # learned: reconstruction noise sigma
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,14 @@ class Config:
 
 
 METHOD_NAMES = ("tp", "bptt")
+SOLVER_OPTIONS = {  # tp.<key> -> the solvers that take it
+    "space": ("gauss_newton",),
+    "tol": ("gauss_newton", "iterated"),
+    "max_iter": ("gauss_newton",),
+    "steps": ("iterated",),
+    "feedback_lr": ("learned",),
+    "noise": ("learned",),
+}
 
 
 def _coerce(value, tp, key: str):
@@ -237,7 +253,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.task.seq_len >= 1, "task.seq_len", "must be >= 1", cfg.task.seq_len)
     _check(cfg.task.val_size >= 1, "task.val_size", "must be >= 1", cfg.task.val_size)
     _check(cfg.model.hidden_size >= 1, "model.hidden_size", "must be >= 1", cfg.model.hidden_size)
+    _one_of(cfg.model.cell, ("elman", "gru", "lstm"), "model.cell")
     _one_of(cfg.model.nonlinearity, ("tanh", "relu", "identity"), "model.nonlinearity")
+    _check(cfg.model.cell == "elman" or cfg.model.nonlinearity == "tanh", "model.nonlinearity",
+           f"applies to elman cells only (model.cell={cfg.model.cell})", cfg.model.nonlinearity)
     _one_of(cfg.model.init, ("orthogonal", "default"), "model.init")
     for name in ("steps", "batch_size", "eval_every"):
         value = getattr(cfg.train, name)
@@ -254,6 +273,18 @@ def validate(cfg: Config) -> None:
     _one_of(tp.update, ("local", "through_time"), "tp.update")
     _check(0 < tp.eps < 1, "tp.eps", "must be in (0, 1)", tp.eps)
     _check(tp.shift_cap is None or tp.shift_cap > 0, "tp.shift_cap", "must be > 0 or null", tp.shift_cap)
+    _one_of(tp.solver, ("auto", "analytic", "gauss_newton", "iterated", "learned"), "tp.solver")
+    _check(tp.solver != "analytic" or cfg.model.cell == "elman", "tp.solver",
+           f"analytic needs model.cell=elman (got {cfg.model.cell})", tp.solver)
+    if tp.space is not None:
+        _one_of(tp.space, ("output", "preactivation"), "tp.space")
+    for key, owners in SOLVER_OPTIONS.items():
+        value = getattr(tp, key)
+        if value is not None and tp.solver not in owners:
+            raise ConfigError(f"tp.{key} does not apply to tp.solver={tp.solver} (it is an option of "
+                              f"{' / '.join(owners)})")
+        if value is not None and key != "space":
+            _check(value > 0, f"tp.{key}", "must be > 0 or null", value)
     b = cfg.bptt
     _check(b.clip is None or b.clip > 0, "bptt.clip", "must be > 0 or null", b.clip)
     _check(b.truncation is None or b.truncation >= 1, "bptt.truncation", "must be >= 1 or null", b.truncation)

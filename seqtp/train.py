@@ -28,7 +28,7 @@ import tasks as task_registry
 from ._inverse import FactorizationError
 from ._methods import METHODS, Method
 from ._model import RNNModel
-from .config import Config, ConfigError, config_from_dict, to_dict
+from .config import SOLVER_OPTIONS, Config, ConfigError, config_from_dict, to_dict
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -70,6 +70,7 @@ def build_model(cfg: Config, task: task_registry.Task, device: torch.device) -> 
         task.input_size,
         cfg.model.hidden_size,
         task.output_size,
+        cell=cfg.model.cell,
         nonlinearity=cfg.model.nonlinearity,
         readout=task.readout,
         init=cfg.model.init,
@@ -80,7 +81,9 @@ def build_model(cfg: Config, task: task_registry.Task, device: torch.device) -> 
 def build_method(cfg: Config) -> Method:
     m = getattr(cfg, cfg.method)
     if cfg.method == "tp":
-        kwargs = dict(reg=m.reg, target_lr=m.target_lr, mode=m.mode, update=m.update, eps=m.eps, shift_cap=m.shift_cap)
+        options = {k: getattr(m, k) for k in SOLVER_OPTIONS if getattr(m, k) is not None}
+        kwargs = dict(reg=m.reg, target_lr=m.target_lr, mode=m.mode, update=m.update, eps=m.eps, shift_cap=m.shift_cap,
+                      solver=m.solver, solver_options=options)
     else:
         kwargs = dict(clip=m.clip, truncation=m.truncation)
     return METHODS[cfg.method](**kwargs)
@@ -207,6 +210,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        method.load_state_dict(state.get("method", {}))
         step, elapsed = state["step"], state["elapsed"]
         window_sum, window_n = state["window_sum"], state["window_n"]
         if step > cfg.train.steps:
@@ -229,6 +233,7 @@ def train(
             "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "method": method.state_dict(),
         }
 
     last_stats: dict = {}
@@ -251,7 +256,7 @@ def train(
         }
         row["baseline"] = task.baseline
         row["w_spectral_norm"] = torch.linalg.matrix_norm(model.rnn.weight_hh_l0.detach().float(), ord=2).item()
-        row.update({k: _finite_or_none(v.item()) for k, v in last_stats.items() if k.startswith("shift_")})
+        row.update({k: _finite_or_none(float(v)) for k, v in last_stats.items()})  # method diagnostics
         model.train()
         if not math.isfinite(row["val_loss"]):
             return None

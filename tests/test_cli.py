@@ -505,3 +505,55 @@ def test_compare_unknown_method(methods: str, fragment: str, tmp_path: Path, cap
     assert code == 2 and stdout == ""
     assert_one_line_error(err, "--methods", fragment)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GRU / LSTM cells and inverse solvers through the CLI
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.cell=gru"],
+        ["model.cell=lstm"],
+        ["model.cell=gru", "tp.solver=gauss_newton", "tp.space=output", "tp.max_iter=3"],
+        ["model.cell=lstm", "tp.solver=learned", "tp.feedback_lr=0.05"],
+        ["model.cell=lstm", "tp.update=through_time", "tp.mode=difference"],
+        ["tp.solver=gauss_newton", "tp.space=preactivation"],
+        ["tp.solver=iterated", "tp.steps=3"],
+        ["tp.solver=learned", "tp.mode=difference"],
+    ],
+    ids=lambda o: ",".join(o),
+)
+def test_cells_and_solvers_train(overrides: list[str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = train(capsys, config_path("temporal_order"), out, *shrink("temporal_order"), *overrides)
+    assert code == 0, err
+    info = summary(out)
+    assert info["status"] == "completed" and info["step"] == 6
+    last = rows(out)[-1]
+    assert math.isfinite(last["val_loss"]) and last["shift_last"] > 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    for pair in overrides:
+        key, value = pair.split("=")
+        section, name = key.split(".")
+        assert str(cfg[section][name]) == value
+
+
+def test_bptt_trains_gru(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, _, err = train(capsys, config_path("adding"), out, *shrink("adding"), "model.cell=gru", "method=bptt")
+    assert code == 0, err
+    assert summary(out)["status"] == "completed"
+
+
+def test_learned_solver_resumes_exactly(tmp_path: Path, capsys) -> None:
+    """The learned inverse's weights and noise generator are checkpointed: resume equals the straight run."""
+    config = config_path(RESUME_TASK)
+    base = [*shrink(RESUME_TASK, steps=N, eval_every=2), "tp.solver=learned", "tp.mode=difference"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(capsys, config, straight, *base)[0] == 0
+    assert train(capsys, config, split, *base, f"train.steps={N // 2}")[0] == 0
+    assert train(capsys, config, split, *base, extra=("--resume",))[0] == 0
+    assert rows_without_time(split) == rows_without_time(straight)
+    assert_same_weights(checkpoint(straight)["model"], checkpoint(split)["model"])

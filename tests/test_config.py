@@ -210,6 +210,8 @@ def test_section_must_be_a_mapping(tmp_path: Path) -> None:
         ("method=dtp", "method"),
         ("device=gpu", "device"),
         ("device=cuda:x", "device"),
+        ("model.cell=transformer", "model.cell"),
+        ("tp.solver=newton", "tp.solver"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:
@@ -267,3 +269,25 @@ def test_config_from_dict_checks_too() -> None:
     data["model"]["depth"] = 2
     with pytest.raises(ConfigError, match=r"unknown key 'model\.depth'"):
         config_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.cell=gru", "model.nonlinearity=relu"], "model.nonlinearity"),
+        (["model.cell=lstm", "tp.solver=analytic"], "tp.solver"),
+        (["tp.solver=analytic", "tp.space=output"], "tp.space does not apply"),
+        (["tp.solver=gauss_newton", "tp.steps=3"], "tp.steps does not apply"),
+        (["tp.solver=learned", "tp.max_iter=3"], "tp.max_iter does not apply"),
+        (["tp.solver=gauss_newton", "tp.space=input"], "tp.space"),
+        (["tp.solver=iterated", "tp.steps=0"], "tp.steps"),
+    ],
+)
+def test_cell_and_solver_options_are_checked(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, overrides)
+
+
+def test_solver_options_load() -> None:
+    cfg = load_config(None, ["model.cell=gru", "tp.solver=gauss_newton", "tp.space=output", "tp.tol=1e-5"])
+    assert (cfg.model.cell, cfg.tp.solver, cfg.tp.space, cfg.tp.tol) == ("gru", "gauss_newton", "output", 1e-5)

@@ -1,0 +1,229 @@
+"""Layer-inverse solvers: the regularized inverse ``psi_t`` of a recurrent step, behind one abstract base.
+
+Math core: imports only torch. Device and dtype follow the inputs.
+
+Target propagation through time (Roulet & Harchaoui, "Target Propagation via Regularized Inversion", TMLR 2023)
+moves a target ``v_t`` of the state ``s_t`` to a target of ``s_{t-1}`` through an (approximate, regularized)
+inverse of the step ``s_t = f(s_{t-1}, x_t)``. Every solver implements the contract of :class:`InverseSolver`; names
+map to classes in :data:`SOLVERS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ._cells import Cell, ElmanParams, inverse_activation_grad
+from ._inverse import ElmanInverse
+
+MODES = ("linearized", "difference", "exact")
+
+
+def cap_shift(delta: torch.Tensor, h: torch.Tensor, shift_cap: float | None) -> torch.Tensor:
+    """Rescale each row so that ``|delta| <= shift_cap * |h|`` (no-op when ``shift_cap`` is ``None``).
+
+    Linearized tanh targets are multiplied by ``a'(h) = 1 / (1 - h^2)`` at every step, so shifts can grow
+    geometrically backwards in time; this per-step, per-sample cap relative to the state norm bounds them.
+
+    Args:
+        delta: shifts ``[B, S]``; h: states ``[B, S]``; shift_cap: the ratio, or ``None``.
+    """
+    if shift_cap is None:
+        return delta
+    norm = delta.norm(dim=-1, keepdim=True)  # [B, 1]
+    limit = shift_cap * h.norm(dim=-1, keepdim=True)  # [B, 1]
+    scale = torch.where(norm > limit, limit / norm.clamp_min(torch.finfo(delta.dtype).tiny), 1.0)
+    return delta * scale
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+class InverseSolver(ABC):
+    """The regularized inverse of a recurrent step, for propagating targets backwards in time.
+
+    Contract. Once per training iteration, :meth:`bind` gives the solver the cell (its current parameters), the
+    inputs ``x`` ``[B, T, D]`` and the forward states ``states`` ``[B, T, S]`` (``s_1 .. s_T``; ``s_0 = 0``). Step
+    ``t`` (a 0-based index into ``states``, ``1 <= t < T``) maps a target of ``states[:, t]`` to a target of
+    ``states[:, t - 1]``:
+
+    - ``invert(t, v)`` ``[B, S] -> [B, S]``: ``psi_t(v)``, an (approximate) minimizer of a regularized inversion
+      problem, e.g. ``argmin_u |f(u, x_t) - v|^2 + r |u - s_{t-1}|^2``, with ``psi_t(s_t) = s_{t-1}``;
+    - ``linearized(t, delta)``: the Jacobian of ``psi_t`` at ``s_t`` applied to ``delta`` ``[B, S]``;
+    - ``difference(t, delta)``: ``psi_t(s_t + delta) - psi_t(s_t)``;
+    - ``propagate(direct, mode=..., shift_cap=...)``: the shifts ``delta = v - s`` ``[B, T, S]`` of the target
+      rule ``mode`` from the direct shifts ``direct`` ``[B, T, S]`` (see :func:`seqtp.propagate_targets`).
+
+    ``report()`` returns diagnostics of the last propagation (e.g. iterations, residuals, contraction rates), as
+    Python floats. Subclasses implement :meth:`invert` and may override the others with faster or exact forms.
+
+    Args:
+        reg: ``r > 0``, the weight of the proximal term.
+    """
+
+    def __init__(self, *, reg: float):
+        if not reg > 0:
+            raise ValueError(f"reg must be > 0, got {reg}")
+        self.reg = float(reg)
+        self._report: dict[str, float] = {}
+
+    def bind(self, cell: Cell, x: torch.Tensor, states: torch.Tensor) -> InverseSolver:
+        """Prepare for one iteration (factorizations, etc.); returns ``self``."""
+        if states.shape[-1] != cell.state_size or x.shape[:2] != states.shape[:2]:
+            raise ValueError(
+                f"shape mismatch: x {tuple(x.shape)}, states {tuple(states.shape)}; expected [B, T, D] and "
+                f"[B, T, {cell.state_size}] for a {cell.kind} cell"
+            )
+        self.cell, self.x, self.states = cell, x, states
+        self.prev = torch.cat([cell.initial_state(states).unsqueeze(1), states[:, :-1]], dim=1)  # [B, T, S]
+        self._report = {}
+        return self
+
+    @abstractmethod
+    def invert(self, t: int, v: torch.Tensor) -> torch.Tensor:
+        """``psi_t(v)`` ``[B, S]``."""
+
+    def linearized(self, t: int, delta: torch.Tensor) -> torch.Tensor:
+        """``J_psi_t(s_t) delta`` by forward-mode autodiff of :meth:`invert` (override with a cheaper form)."""
+        _, jd = torch.func.jvp(lambda v: self.invert(t, v), (self.states[:, t],), (delta,))
+        return jd
+
+    def difference(self, t: int, delta: torch.Tensor) -> torch.Tensor:
+        """``psi_t(s_t + delta) - psi_t(s_t)``."""
+        h = self.states[:, t]
+        return self.invert(t, h + delta) - self.invert(t, h)
+
+    def report(self) -> dict[str, float]:
+        return dict(self._report)
+
+    def propagate(
+        self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
+    ) -> torch.Tensor:
+        """Shifts ``delta`` ``[B, T, S]`` of rule ``mode``, from ``delta_T = dhat_T`` backwards (call :meth:`bind`
+        first). Each ``delta_t`` is capped by :func:`cap_shift` before it is propagated further."""
+        check_mode(mode)
+        states = self.states
+        if direct.shape != states.shape:
+            raise ValueError(f"direct shifts {tuple(direct.shape)} must have the states' shape {tuple(states.shape)}")
+        deltas = torch.empty_like(states)  # [B, T, S]
+        delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, S]
+        deltas[:, -1] = delta
+        for t in range(states.shape[1] - 1, 0, -1):
+            if mode == "linearized":
+                back = self.linearized(t, delta)
+            elif mode == "difference":
+                back = self.difference(t, delta)
+            else:  # exact: v_{t-1} = psi_t(v_t) + dhat_{t-1}
+                back = self.invert(t, states[:, t] + delta) - states[:, t - 1]
+            delta = cap_shift(direct[:, t - 1] + back, states[:, t - 1], shift_cap)  # [B, S]
+            deltas[:, t - 1] = delta
+        return deltas
+
+
+class AnalyticInverse(InverseSolver):
+    """The closed-form regularized inverse of an Elman step (Roulet & Harchaoui, TMLR 2023, Sec. 3).
+
+    ``psi_t(v) = argmin_u |a(v) - W u - U x_t - b|^2 + r |u - h_{t-1}|^2 = M (a(v) - U x_t - b) + N h_{t-1}``,
+    ``M = (W^T W + r I)^{-1} W^T``, ``N = r (W^T W + r I)^{-1}``: one Cholesky factorization per iteration
+    (:class:`seqtp.ElmanInverse`); the linearized rule is ``M (a'(h_t) * delta)``, the difference rule
+    ``M (a(h_t + delta) - a(h_t))``. The regularization acts in the pre-activation space.
+
+    Args:
+        reg: ``r > 0``. eps: clamp margin of ``atanh`` for tanh cells.
+        backend: how :meth:`propagate` runs the recursion: ``"torch"`` (the reference loop), ``"triton"`` (the fused
+            kernel of :mod:`seqtp.kernels`, CUDA, linearized and difference rules), ``"cuda_graph"`` (the reference
+            loop of the linearized rule captured once per shape and replayed), or ``"auto"`` (default: triton where
+            it applies, else a CUDA graph on CUDA, else torch).
+
+    Raises:
+        TypeError (at :meth:`bind`): the cell is not an Elman cell.
+        seqtp.FactorizationError (at :meth:`bind`): ``W^T W + r I`` cannot be factorized.
+    """
+
+    def __init__(self, *, reg: float, eps: float = 1e-3, backend: str = "auto"):
+        super().__init__(reg=reg)
+        from .kernels import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.eps, self.backend = eps, backend
+
+    def bind(self, cell, x, states):
+        if cell.output_nonlinearity is None:
+            raise TypeError(f"the analytic inverse needs an Elman cell, got a {cell.kind} cell")
+        super().bind(cell, x, states)
+        p = cell.params
+        params = ElmanParams(p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"] + p["bias_hh_l0"],
+                             cell.output_nonlinearity)
+        self.inverse = ElmanInverse(params, reg=self.reg, eps=self.eps)
+        self.drive = self.inverse.drive(x)  # [B, T, H]
+        return self
+
+    def invert(self, t, v):
+        return self.inverse.invert(v, self.prev[:, t], self.drive[:, t])
+
+    def linearized(self, t, delta):
+        return self.inverse.linearized(delta, self.states[:, t])
+
+    def difference(self, t, delta):
+        return self.inverse.difference(delta, self.states[:, t])
+
+    def propagate(self, direct, *, mode="linearized", shift_cap=None):
+        check_mode(mode)
+        if direct.shape != self.states.shape:
+            raise ValueError(f"direct shifts {tuple(direct.shape)} must have the states' shape "
+                             f"{tuple(self.states.shape)}")
+        from .kernels import choose_backend
+
+        backend = choose_backend(self.backend, self.states, mode)
+        nl = self.inverse.params.nonlinearity
+        if backend == "triton":
+            from .kernels._triton import fused_shifts
+
+            return fused_shifts(self.states, direct, self.inverse.M, mode=mode, nonlinearity=nl, eps=self.eps,
+                                shift_cap=shift_cap)
+        if backend == "cuda_graph" and mode == "linearized":
+            from .kernels._graphs import graphed
+
+            return graphed(linearized_shifts, self.states, direct, self.inverse.M, nonlinearity=nl, eps=self.eps,
+                           shift_cap=shift_cap)
+        if mode == "linearized":
+            return linearized_shifts(self.states, direct, self.inverse.M, nonlinearity=nl, eps=self.eps,
+                                     shift_cap=shift_cap)
+        return super().propagate(direct, mode=mode, shift_cap=shift_cap)
+
+
+def linearized_shifts(
+    states: torch.Tensor,
+    direct: torch.Tensor,
+    m: torch.Tensor,
+    *,
+    nonlinearity: str,
+    eps: float,
+    shift_cap: float | None = None,
+) -> torch.Tensor:
+    """The reference linearized recursion ``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)``, ``delta_T =
+    dhat_T``: ``a'(h)`` for all steps at once, then one ``addmm`` per step (pure torch; the fused kernel and the
+    CUDA graph are tested against it).
+
+    Args:
+        states: ``h_1 .. h_T`` ``[B, T, H]``; direct: ``dhat`` ``[B, T, H]``; m: ``M`` ``[H, H]``.
+        nonlinearity, eps: of ``a'``; shift_cap: per-step cap ratio or ``None``.
+
+    Returns:
+        ``delta`` ``[B, T, H]``.
+    """
+    a_grad = inverse_activation_grad(states, nonlinearity, eps=eps)  # [B, T, H]
+    m_t = m.T
+    deltas = torch.empty_like(states)  # [B, T, H]
+    delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, H]
+    deltas[:, -1] = delta
+    for t in range(states.shape[1] - 1, 0, -1):
+        delta = torch.addmm(direct[:, t - 1], a_grad[:, t] * delta, m_t)  # [B, H]
+        delta = cap_shift(delta, states[:, t - 1], shift_cap)
+        deltas[:, t - 1] = delta
+    return deltas

@@ -1,0 +1,51 @@
+"""Fast paths for the target recursion: a fused Triton kernel and a CUDA-graph capture of the torch loop.
+
+Optional: triton is imported lazily, only when a kernel is used. The pure-torch recursion in
+:meth:`seqtp.AnalyticInverse.propagate` stays the reference; ``tests/test_kernels.py`` checks both fast paths
+against it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``triton`` imports (it is not a dependency of seqtp)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = ("auto", "torch", "triton", "cuda_graph")
+
+
+def choose_backend(backend: str, states: torch.Tensor, mode: str) -> str:
+    """Resolve ``backend`` for a recursion on ``states``: ``auto`` picks ``triton`` for the linearized and difference
+    rules on a CUDA tensor in float32/bfloat16/float16 when triton imports, else ``cuda_graph`` for the linearized
+    rule on CUDA, else ``torch``.
+
+    Raises:
+        ValueError: an unknown backend, or one that cannot run on these inputs (named in the message).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    on_cuda = states.is_cuda
+    kernel_ok = on_cuda and mode in ("linearized", "difference") and states.dtype in (
+        torch.float32, torch.bfloat16, torch.float16)
+    if backend == "auto":
+        if kernel_ok and triton_available():
+            return "triton"
+        return "cuda_graph" if on_cuda and mode == "linearized" else "torch"
+    if backend == "triton" and not (kernel_ok and triton_available()):
+        raise ValueError("backend 'triton' needs triton, a CUDA tensor in float32/bfloat16/float16 and mode "
+                         f"linearized or difference (got device {states.device}, dtype {states.dtype}, mode {mode!r})")
+    if backend == "cuda_graph" and not (on_cuda and mode == "linearized"):
+        raise ValueError(f"backend 'cuda_graph' needs a CUDA tensor and mode linearized (got device {states.device}, "
+                         f"mode {mode!r})")
+    return backend

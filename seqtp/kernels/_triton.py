@@ -1,0 +1,227 @@
+"""Fused Triton kernel for the linearized and difference target recursions of TP by regularized inversion.
+
+``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)``, ``delta_T = dhat_T`` (Roulet & Harchaoui, TMLR 2023), with the
+optional per-step cap ``|delta_t| <= c |h_t|``. Batch rows are independent: each program owns ``BLOCK_B`` rows and
+runs the whole time loop for them; nothing else is sequential.
+
+- ``H <= 128`` (one tile): ``M^T`` is loaded once into registers and ``delta`` stays in registers across steps; per
+  step the program reads ``h_{t-1}`` and ``dhat_{t-1}`` and writes ``delta_{t-1}`` (float32).
+- larger ``H`` (tiled): ``M^T`` does not fit on chip; it is streamed from L2 in ``[BK, BN]`` tiles every step, and
+  ``delta_t`` is re-read from the float32 output written the step before (a CTA barrier orders the two).
+
+Inputs may be float32, bfloat16 or float16; loads are converted to float32 and the products accumulate in float32.
+The matrix products use ``tl.dot`` with ``input_precision`` ``"tf32x3"`` (about float32 accuracy) for float32
+inputs and ``"tf32"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTS = {"tanh": 0, "relu": 1, "identity": 2}
+SINGLE_TILE_MAX = 128
+
+
+@triton.jit
+def _a_grad(h, ACT: tl.constexpr, eps):
+    """a'(h): 1 / (1 - clamp(h)^2) (tanh), 1[h > 0] (relu), 1 (identity)."""
+    if ACT == 0:
+        hc = tl.minimum(tl.maximum(h, -1.0 + eps), 1.0 - eps)
+        return 1.0 / (1.0 - hc * hc)
+    elif ACT == 1:
+        return tl.where(h > 0, 1.0, 0.0)
+    else:
+        return h * 0.0 + 1.0
+
+
+@triton.jit
+def _a(v, ACT: tl.constexpr, eps):
+    """a(v) = phi^{-1}(v): atanh(clamp(v)) (tanh), max(v, 0) (relu), v (identity)."""
+    if ACT == 0:
+        vc = tl.minimum(tl.maximum(v, -1.0 + eps), 1.0 - eps)
+        return 0.5 * tl.log((1.0 + vc) / (1.0 - vc))
+    elif ACT == 1:
+        return tl.maximum(v, 0.0)
+    else:
+        return v
+
+
+@triton.jit
+def _back(delta, h, ACT: tl.constexpr, MODE: tl.constexpr, eps):
+    """What multiplies M^T in one step back: a'(h) * delta (linearized) or a(h + delta) - a(h) (difference)."""
+    if MODE == 0:
+        return delta * _a_grad(h, ACT, eps)
+    else:
+        return _a(h + delta, ACT, eps) - _a(h, ACT, eps)
+
+
+@triton.jit
+def _cap(delta, h, cap):
+    """Rescale rows of ``delta`` [BB, BH] so that |delta| <= cap * |h|."""
+    dn = tl.sqrt(tl.sum(delta * delta, axis=1))  # [BB]
+    lim = cap * tl.sqrt(tl.sum(h * h, axis=1))  # [BB]
+    scale = tl.where(dn > lim, lim / tl.maximum(dn, 1e-30), 1.0)
+    return delta * scale[:, None]
+
+
+@triton.jit
+def _linearized_single_tile(
+    states_ptr, direct_ptr, mt_ptr, out_ptr,
+    B, T, H,
+    stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
+    eps, cap,
+    ACT: tl.constexpr, MODE: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
+    cols = tl.arange(0, BLOCK_H)  # [BH]
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]  # [BB, BH]
+    mt = tl.load(mt_ptr + cols[:, None] * H + cols[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
+    s_off = rows[:, None] * stride_sb + cols[None, :]  # [BB, BH]
+    d_off = rows[:, None] * stride_db + cols[None, :]
+    o_off = rows[:, None] * stride_ob + cols[None, :]
+    t = T - 1
+    h = tl.load(states_ptr + s_off + t * stride_st, mask=mask, other=0.0).to(tl.float32)  # [BB, BH]
+    delta = tl.load(direct_ptr + d_off + t * stride_dt, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        delta = _cap(delta, h, cap)
+    tl.store(out_ptr + o_off + t * stride_ot, delta, mask=mask)
+    for i in range(1, T):
+        t = T - i  # delta_t is known; compute delta_{t-1}
+        u = _back(delta, h, ACT, MODE, eps)  # [BB, BH]
+        h = tl.load(states_ptr + s_off + (t - 1) * stride_st, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(direct_ptr + d_off + (t - 1) * stride_dt, mask=mask, other=0.0).to(tl.float32)
+        delta = tl.dot(u, mt, input_precision=PREC) + d  # [BB, BH]
+        if HAS_CAP:
+            delta = _cap(delta, h, cap)
+        tl.store(out_ptr + o_off + (t - 1) * stride_ot, delta, mask=mask)
+
+
+@triton.jit
+def _linearized_tiled(
+    states_ptr, direct_ptr, mt_ptr, out_ptr,
+    B, T, H,
+    stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
+    eps, cap,
+    ACT: tl.constexpr, MODE: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
+    rmask = rows < B
+    ns = tl.arange(0, BLOCK_N)  # [BN]
+    ks = tl.arange(0, BLOCK_K)  # [BK]
+    t = T - 1
+    # delta_T = dhat_T (capped): copy into the float32 output, chunk by chunk
+    if HAS_CAP:
+        dsq = tl.zeros([BLOCK_B], dtype=tl.float32)
+        hsq = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for n0 in range(0, H, BLOCK_N):
+            m = rmask[:, None] & (n0 + ns < H)[None, :]
+            d = tl.load(direct_ptr + rows[:, None] * stride_db + t * stride_dt + n0 + ns[None, :], mask=m, other=0.0)
+            h = tl.load(states_ptr + rows[:, None] * stride_sb + t * stride_st + n0 + ns[None, :], mask=m, other=0.0)
+            dsq += tl.sum(d.to(tl.float32) * d.to(tl.float32), axis=1)
+            hsq += tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=1)
+        dn = tl.sqrt(dsq)
+        lim = cap * tl.sqrt(hsq)
+        scale = tl.where(dn > lim, lim / tl.maximum(dn, 1e-30), 1.0)
+    for n0 in range(0, H, BLOCK_N):
+        m = rmask[:, None] & (n0 + ns < H)[None, :]
+        d = tl.load(direct_ptr + rows[:, None] * stride_db + t * stride_dt + n0 + ns[None, :], mask=m,
+                    other=0.0).to(tl.float32)
+        if HAS_CAP:
+            d = d * scale[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ob + t * stride_ot + n0 + ns[None, :], d, mask=m)
+    tl.debug_barrier()
+    for i in range(1, T):
+        t = T - i  # delta_t is in out[:, t]; compute delta_{t-1} into out[:, t-1]
+        if HAS_CAP:
+            dsq = tl.zeros([BLOCK_B], dtype=tl.float32)
+            hsq = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for n0 in range(0, H, BLOCK_N):
+            nmask = (n0 + ns) < H
+            m = rmask[:, None] & nmask[None, :]
+            acc = tl.load(direct_ptr + rows[:, None] * stride_db + (t - 1) * stride_dt + n0 + ns[None, :], mask=m,
+                          other=0.0).to(tl.float32)  # [BB, BN]
+            for k0 in range(0, H, BLOCK_K):
+                kmask = (k0 + ks) < H
+                mk = rmask[:, None] & kmask[None, :]
+                d = tl.load(out_ptr + rows[:, None] * stride_ob + t * stride_ot + k0 + ks[None, :], mask=mk, other=0.0)
+                h = tl.load(states_ptr + rows[:, None] * stride_sb + t * stride_st + k0 + ks[None, :], mask=mk,
+                            other=0.0).to(tl.float32)
+                u = _back(d, h, ACT, MODE, eps)  # [BB, BK]
+                mt = tl.load(mt_ptr + (k0 + ks)[:, None] * H + (n0 + ns)[None, :],
+                             mask=kmask[:, None] & nmask[None, :], other=0.0)  # [BK, BN]
+                acc += tl.dot(u, mt, input_precision=PREC)
+            tl.store(out_ptr + rows[:, None] * stride_ob + (t - 1) * stride_ot + n0 + ns[None, :], acc, mask=m)
+            if HAS_CAP:
+                hp = tl.load(states_ptr + rows[:, None] * stride_sb + (t - 1) * stride_st + n0 + ns[None, :], mask=m,
+                             other=0.0).to(tl.float32)
+                dsq += tl.sum(acc * acc, axis=1)
+                hsq += tl.sum(hp * hp, axis=1)
+        tl.debug_barrier()
+        if HAS_CAP:
+            dn = tl.sqrt(dsq)
+            lim = cap * tl.sqrt(hsq)
+            scale = tl.where(dn > lim, lim / tl.maximum(dn, 1e-30), 1.0)
+            for n0 in range(0, H, BLOCK_N):
+                m = rmask[:, None] & (n0 + ns < H)[None, :]
+                ptr = out_ptr + rows[:, None] * stride_ob + (t - 1) * stride_ot + n0 + ns[None, :]
+                tl.store(ptr, tl.load(ptr, mask=m, other=0.0) * scale[:, None], mask=m)
+            tl.debug_barrier()
+
+
+MODES = {"linearized": 0, "difference": 1}
+
+
+def fused_shifts(
+    states: torch.Tensor,
+    direct: torch.Tensor,
+    m: torch.Tensor,
+    *,
+    mode: str = "linearized",
+    nonlinearity: str,
+    eps: float,
+    shift_cap: float | None = None,
+    block_b: int | None = None,
+) -> torch.Tensor:
+    """The shifts ``delta`` ``[B, T, H]`` of the linearized or difference rule by the fused kernel.
+
+    ``linearized``: ``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)``; ``difference``: ``delta_{t-1} = dhat_{t-1} +
+    M (a(h_t + delta_t) - a(h_t))`` (``= psi_t(v_t) - psi_t(h_t)``, the drive ``U x_t + b`` cancels).
+
+    Args:
+        states: ``h_1 .. h_T`` ``[B, T, H]`` (CUDA; float32, bfloat16 or float16).
+        direct: ``dhat`` ``[B, T, H]``.
+        m: ``M = (W^T W + r I)^{-1} W^T`` ``[H, H]`` (used in float32).
+        mode: ``linearized`` or ``difference`` (``exact`` needs ``U x_t + b`` and a second product with ``N`` per
+            step; it runs in torch, see the README).
+        nonlinearity: ``tanh``, ``relu`` or ``identity``; eps: clamp margin of ``a`` for tanh.
+        shift_cap: the per-step cap ratio, or ``None``.
+        block_b: batch rows per program (default: 16).
+
+    Returns:
+        ``delta`` ``[B, T, H]`` in the dtype of ``states`` (computed in float32).
+    """
+    batch, seq_len, hidden = states.shape
+    states = states.contiguous()
+    direct = direct.contiguous()
+    mt = m.T.contiguous().float()  # [H, H]: row k holds M[:, k]
+    out = torch.empty(batch, seq_len, hidden, device=states.device, dtype=torch.float32)  # [B, T, H]
+    prec = "tf32x3" if states.dtype == torch.float32 else "tf32"
+    block_b = block_b or 16
+    grid = (triton.cdiv(batch, block_b),)
+    common = dict(ACT=ACTS[nonlinearity], MODE=MODES[mode], HAS_CAP=shift_cap is not None, PREC=prec, BLOCK_B=block_b)
+    args = (states, direct, mt, out, batch, seq_len, hidden, states.stride(0), states.stride(1), direct.stride(0),
+            direct.stride(1), out.stride(0), out.stride(1), float(eps), float(shift_cap or 0.0))
+    if hidden <= SINGLE_TILE_MAX:
+        block_h = max(16, triton.next_power_of_2(hidden))
+        _linearized_single_tile[grid](*args, BLOCK_H=block_h, num_warps=4, **common)
+    else:
+        _linearized_tiled[grid](*args, BLOCK_N=64, BLOCK_K=64, num_warps=4, **common)
+    return out if states.dtype == torch.float32 else out.to(states.dtype)
