@@ -36,7 +36,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for combo in itertools.product(*[vals for _, vals in axes]):
-        pairs = [f"{k}={v}" for (k, _), v in zip(axes, combo)]
+        pairs = [f"{k}={v}" for (k, _), v in zip(axes, combo, strict=True)]
         cfg = load_config(args.config, args.overrides + pairs, method=args.method)
         name = ",".join(pairs) or "default"
         result = train(cfg, out / name, device=resolve_device(cfg.device), progress=False)

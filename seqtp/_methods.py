@@ -38,7 +38,7 @@ class Method(ABC):
         """State to checkpoint (e.g. a learned inverse's weights); empty for stateless methods."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook, stateless by default
         """Restore :meth:`state_dict`."""
 
 
