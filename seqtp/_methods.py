@@ -88,11 +88,16 @@ def local_update_grads(
     Returns:
         ``(dL/dU [H, D], dL/dW [H, H], dL/db [H])``; ``dL/db`` is the gradient of each of ``bias_ih``, ``bias_hh``.
     """
-    batch = states.shape[0]
-    g_z = deltas * activation_grad_from_output(states, params.nonlinearity) / -batch  # [B, T, H]
-    h_prev = torch.cat([states.new_zeros(batch, 1, states.shape[2]), states[:, :-1]], dim=1)  # [B, T, H]: h_0 = 0
+    batch, seq_len, hidden = states.shape
+    g_z = activation_grad_from_output(states, params.nonlinearity).mul_(deltas).div_(-batch)  # [B, T, H]
     g_ih = torch.einsum("bth,btd->hd", g_z, x)  # [H, D]
-    g_hh = torch.einsum("bth,btk->hk", g_z, h_prev)  # [H, H]
+    # dL/dW = sum_{b, t >= 1} g_z[b, t] h[b, t-1]^T without materializing the shifted states: in the flattened
+    # [B*T, H] views row i pairs with row i - 1 (contiguous slices); the B - 1 wrong pairs (g_z[b, 0] with
+    # h[b-1, T-1]) are subtracted; h_0 = 0 contributes nothing.
+    g_flat, h_flat = g_z.reshape(batch * seq_len, hidden), states.reshape(batch * seq_len, hidden)
+    g_hh = g_flat[1:].T @ h_flat[:-1]  # [H, H]
+    if batch > 1:
+        g_hh -= g_z[1:, 0].T @ states[:-1, -1]  # [H, H]
     return g_ih, g_hh, g_z.sum(dim=(0, 1))  # [H]
 
 
@@ -209,9 +214,13 @@ class TargetProp(Method):
         leaf = hidden.detach().requires_grad_()
         loss = loss_fn(leaf)
         loss.backward()  # readout .grad, and dL/dh_t in leaf.grad
+        if leaf.grad is None:
+            raise ValueError("loss_fn(states) does not depend on the states: nothing to propagate")
         cell = make_cell(model)
-        direct_h = leaf.grad * (-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -gamma_h * dl_i/dh_t
+        direct_h = leaf.grad.mul_(-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -gamma_h * dl_i/dh_t, in place
+        leaf.grad = None
         states, direct = complete_states(cell, x, leaf.detach(), direct_h)  # [B, T, S] each
+        del direct_h
         solver = self.solver_for(cell)
         stats = {}
         if hasattr(solver, "fit"):
@@ -222,26 +231,24 @@ class TargetProp(Method):
             stats["feedback_loss"] = torch.as_tensor(solver.fit(cell, x, states))
         solver.bind(cell, x, states)
         deltas = solver.propagate(direct, mode=self.mode, shift_cap=self.shift_cap)  # [B, T, S]
-        targets = states + deltas
+        del direct  # memory: the peak is states + deltas + one [B, T, S] temporary
+        norms = deltas.norm(dim=-1).mean(dim=0)  # [T]
+        stats.update({"shift_first": norms[0], "shift_mid": norms[norms.shape[0] // 2], "shift_last": norms[-1]})
+        stats.update({f"solver_{k}": torch.as_tensor(v) for k, v in solver.report().items()})
         if through_time:
             graph_cell = make_cell(model, detach=False)
             full = graph_cell.full_states(x, hidden)  # [B, T, S] with the graph
-            (0.5 * (full - targets).square().sum(dim=(1, 2)).mean()).backward()
+            (0.5 * (full - (states + deltas)).square().sum(dim=(1, 2)).mean()).backward()
         elif cell.kind == "elman":  # closed form, no autograd
             rnn = getattr(model, "rnn", model)
-            params = elman_params(model)
-            g_ih, g_hh, g_b = local_update_grads(params, x, states, deltas)
+            g_ih, g_hh, g_b = local_update_grads(elman_params(model), x, states, deltas)
             pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
             if rnn.bias:
                 pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
             for p, g in pairs:
                 _accumulate(p, g)
         else:
-            local_update_loss(make_cell(model, detach=False), x, states, targets).backward()
-        norms = deltas.norm(dim=-1).mean(dim=0)  # [T]
-        seq_len = norms.shape[0]
-        stats.update({"shift_first": norms[0], "shift_mid": norms[seq_len // 2], "shift_last": norms[-1]})
-        stats.update({f"solver_{k}": torch.as_tensor(v) for k, v in solver.report().items()})
+            local_update_loss(make_cell(model, detach=False), x, states, states + deltas).backward()
         return loss.detach(), stats
 
 

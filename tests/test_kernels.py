@@ -1,0 +1,197 @@
+"""Fast paths of the target recursion (Triton kernel, CUDA graph) against the pure-torch reference.
+
+Tolerances: the reference runs in float64 on the same (possibly bf16-rounded) inputs. The kernel loads its inputs in
+their dtype, accumulates in float32 and multiplies with ``tl.dot`` in ``tf32x3`` (float32 inputs, about float32
+accuracy: relative error ~1e-6 per step) or ``tf32`` (bf16/fp16 inputs: ~1e-3 per step). With ``M`` a contraction
+the per-step errors do not compound, so we allow 1e-4 (float32) and 1e-2 (bf16/fp16) relative error on ``delta``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import seqtp
+from seqtp._solvers import AnalyticInverse, linearized_shifts
+from seqtp.kernels import choose_backend, triton_available
+
+ROOT = Path(__file__).resolve().parents[1]
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
+
+
+def recursion_inputs(batch, seq_len, hidden, nonlinearity, *, dtype, device, seed=0):
+    """Random states in the activation's range, small direct shifts at every step, and a contraction M."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(batch, seq_len, hidden, generator=g, dtype=torch.float64)
+    states = {"tanh": 0.9 * torch.tanh(z), "relu": torch.relu(z), "identity": z}[nonlinearity]
+    direct = 0.01 * torch.randn(batch, seq_len, hidden, generator=g, dtype=torch.float64)
+    w = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))[0]  # orthogonal
+    m = torch.linalg.solve(w.T @ w + 1.0 * torch.eye(hidden, dtype=torch.float64), w.T)  # reg 1: |M| = 1/2
+    return (states.to(device, dtype), direct.to(device, dtype), m.to(device, torch.float32))
+
+
+def reference(states, direct, m, *, mode, nonlinearity, shift_cap):
+    """The torch reference in float64 on the same inputs (via the generic solver loop for ``difference``)."""
+    s, d, mm = states.double(), direct.double(), m.double()
+    if mode == "linearized":
+        return linearized_shifts(s, d, mm, nonlinearity=nonlinearity, eps=1e-3, shift_cap=shift_cap)
+    from seqtp._cells import inverse_activation
+
+    out = torch.empty_like(s)
+    delta = seqtp._solvers.cap_shift(d[:, -1], s[:, -1], shift_cap)
+    out[:, -1] = delta
+    for t in range(s.shape[1] - 1, 0, -1):
+        h = s[:, t]
+        back = (inverse_activation(h + delta, nonlinearity) - inverse_activation(h, nonlinearity)) @ mm.T
+        delta = seqtp._solvers.cap_shift(d[:, t - 1] + back, s[:, t - 1], shift_cap)
+        out[:, t - 1] = delta
+    return out
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("hidden", [8, 100, 128, 200, 512])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "identity"])
+@pytest.mark.parametrize("mode", ["linearized", "difference"])
+@pytest.mark.parametrize("shift_cap", [None, 0.02])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_matches_reference(hidden, nonlinearity, mode, shift_cap, dtype):
+    from seqtp.kernels._triton import fused_shifts
+
+    for batch in (1, 37):
+        states, direct, m = recursion_inputs(batch, 50, hidden, nonlinearity, dtype=dtype, device="cuda")
+        got = fused_shifts(states, direct, m, mode=mode, nonlinearity=nonlinearity, eps=1e-3, shift_cap=shift_cap)
+        assert got.dtype == dtype and got.shape == states.shape
+        assert torch.isfinite(got).all()
+        want = reference(states, direct, m, mode=mode, nonlinearity=nonlinearity, shift_cap=shift_cap)
+        assert rel_err(got, want) < (1e-4 if dtype == torch.float32 else 1e-2), (batch, rel_err(got, want))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shift_cap", [None, 0.02])
+def test_cuda_graph_replays_the_reference(shift_cap):
+    from seqtp.kernels._graphs import graphed
+
+    for seed in (0, 1):  # the second call replays the captured graph on new inputs
+        states, direct, m = recursion_inputs(16, 30, 64, "tanh", dtype=torch.float32, device="cuda", seed=seed)
+        want = linearized_shifts(states, direct, m, nonlinearity="tanh", eps=1e-3, shift_cap=shift_cap)
+        got = graphed(linearized_shifts, states, direct, m, nonlinearity="tanh", eps=1e-3, shift_cap=shift_cap)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda_graph"])
+def test_tp_iteration_fast_path_equals_torch_path(backend):
+    if backend == "triton" and not triton_available():
+        pytest.skip("needs triton")
+    torch.manual_seed(0)
+    x = torch.randn(32, 40, 3, device="cuda")
+    y = torch.randint(0, 4, (32,), device="cuda")
+    grads = {}
+    for name in ("torch", backend):
+        torch.manual_seed(0)
+        model = seqtp.RNNModel(3, 48, 4).cuda()
+        method = seqtp.TargetProp(reg=1.0, target_lr=0.1, solver="analytic", solver_options={"backend": name})
+        method.backward(model, x, lambda s, model=model: torch.nn.functional.cross_entropy(model.read(s), y))
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert rel_err(grads[backend], grads["torch"]) < 1e-4
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method_name", ["tp", "bptt"])
+def test_training_iteration_has_no_host_sync(method_name):
+    """Forward, targets (fast path), update and optimizer step, under ``torch.cuda.set_sync_debug_mode("error")``."""
+    torch.manual_seed(0)
+    model = seqtp.RNNModel(1, 64, 10).cuda()
+    method = seqtp.TargetProp(reg=1.0, target_lr=0.1) if method_name == "tp" else seqtp.BPTT(clip=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(64, 100, 1, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+
+    def iteration():
+        opt.zero_grad(set_to_none=True)
+        method.backward(model, x, lambda s: torch.nn.functional.cross_entropy(model.read(s), y))
+        opt.step()
+
+    iteration()  # warm-up: compilation, graph capture, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        iteration()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@gpu
+@needs_cuda
+def test_failed_factorization_on_cuda_poisons_instead_of_syncing():
+    model = seqtp.RNNModel(2, 8, 2).cuda()
+    with torch.no_grad():
+        model.rnn.weight_hh_l0[0, 0] = float("nan")
+    solver = AnalyticInverse(reg=1.0).bind(seqtp.make_cell(model), torch.zeros(2, 3, 2, device="cuda"),
+                                           torch.zeros(2, 3, 8, device="cuda"))
+    assert torch.isnan(solver.inverse.M).all()
+
+
+def test_backend_choice_on_cpu():
+    states = torch.zeros(2, 3, 4)
+    assert choose_backend("auto", states, "linearized") == "torch"
+    assert choose_backend("torch", states, "exact") == "torch"
+    with pytest.raises(ValueError, match="triton"):
+        choose_backend("triton", states, "linearized")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        choose_backend("cuda_graph", states, "linearized")
+    with pytest.raises(ValueError, match="backend must be"):
+        choose_backend("cudnn", states, "linearized")
+    with pytest.raises(ValueError, match="backend must be"):
+        AnalyticInverse(reg=1.0, backend="fast")
+
+
+def _interpreter_ok() -> bool:
+    if not triton_available():
+        return False
+    import numpy
+
+    major, minor = (int(v) for v in numpy.__version__.split(".")[:2])
+    return (major, minor) < (2, 3)  # Triton 3.6's interpreter breaks on NumPy >= 2.3 (int() of 1-element arrays)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _interpreter_ok(), reason="needs triton and numpy < 2.3 for TRITON_INTERPRET=1")
+def test_triton_kernel_in_interpreter_mode_on_cpu():
+    """The kernel's logic on the CPU (TRITON_INTERPRET=1, numpy arithmetic): both tilings, both rules, the cap."""
+    code = f"""
+import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
+import torch
+from test_kernels import recursion_inputs, reference, rel_err
+from seqtp.kernels._triton import fused_shifts
+worst = 0.0
+for hidden in (12, 150):
+    for nl in ("tanh", "relu", "identity"):
+        for mode in ("linearized", "difference"):
+            for cap in (None, 0.02):
+                s, d, m = recursion_inputs(5, 6, hidden, nl, dtype=torch.float32, device="cpu")
+                got = fused_shifts(s, d, m, mode=mode, nonlinearity=nl, eps=1e-3, shift_cap=cap)
+                worst = max(worst, rel_err(got, reference(s, d, m, mode=mode, nonlinearity=nl, shift_cap=cap)))
+print(worst)
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
