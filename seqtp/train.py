@@ -205,7 +205,7 @@ def train(
     step, elapsed, window_sum, window_n = 0, 0.0, 0.0, 0
     last_metrics: dict = {}
     if resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])

@@ -188,7 +188,9 @@ def fused_shifts(
     nonlinearity: str,
     eps: float,
     shift_cap: float | None = None,
-    block_b: int | None = None,
+    block_b: int = 16,
+    num_warps: int = 4,
+    precision: str | None = None,
 ) -> torch.Tensor:
     """The shifts ``delta`` ``[B, T, H]`` of the linearized or difference rule by the fused kernel.
 
@@ -203,7 +205,9 @@ def fused_shifts(
             step; it runs in torch, see the README).
         nonlinearity: ``tanh``, ``relu`` or ``identity``; eps: clamp margin of ``a`` for tanh.
         shift_cap: the per-step cap ratio, or ``None``.
-        block_b: batch rows per program (default: 16).
+        block_b: batch rows per program (>= 16, a power of two).
+        num_warps: warps per program.
+        precision: ``tl.dot``'s ``input_precision`` (default: ``"tf32x3"`` for float32 inputs, else ``"tf32"``).
 
     Returns:
         ``delta`` ``[B, T, H]`` in the dtype of ``states`` (computed in float32).
@@ -213,15 +217,14 @@ def fused_shifts(
     direct = direct.contiguous()
     mt = m.T.contiguous().float()  # [H, H]: row k holds M[:, k]
     out = torch.empty(batch, seq_len, hidden, device=states.device, dtype=torch.float32)  # [B, T, H]
-    prec = "tf32x3" if states.dtype == torch.float32 else "tf32"
-    block_b = block_b or 16
+    prec = precision or ("tf32x3" if states.dtype == torch.float32 else "tf32")
     grid = (triton.cdiv(batch, block_b),)
     common = dict(ACT=ACTS[nonlinearity], MODE=MODES[mode], HAS_CAP=shift_cap is not None, PREC=prec, BLOCK_B=block_b)
     args = (states, direct, mt, out, batch, seq_len, hidden, states.stride(0), states.stride(1), direct.stride(0),
             direct.stride(1), out.stride(0), out.stride(1), float(eps), float(shift_cap or 0.0))
     if hidden <= SINGLE_TILE_MAX:
         block_h = max(16, triton.next_power_of_2(hidden))
-        _linearized_single_tile[grid](*args, BLOCK_H=block_h, num_warps=4, **common)
+        _linearized_single_tile[grid](*args, BLOCK_H=block_h, num_warps=num_warps, **common)
     else:
-        _linearized_tiled[grid](*args, BLOCK_N=64, BLOCK_K=64, num_warps=4, **common)
+        _linearized_tiled[grid](*args, BLOCK_N=64, BLOCK_K=64, num_warps=num_warps, **common)
     return out if states.dtype == torch.float32 else out.to(states.dtype)

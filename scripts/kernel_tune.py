@@ -1,0 +1,83 @@
+"""Kernel tuning on a GPU: time the fused recursion alone over configurations, and break a TP iteration into parts.
+
+    python scripts/kernel_tune.py            (CUDA + triton)
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton.testing
+
+import seqtp
+from seqtp._solvers import linearized_shifts
+from seqtp.kernels._triton import fused_shifts
+
+
+def inputs(b, t, h, dtype=torch.float32):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    states = 0.5 * torch.tanh(torch.randn(b, t, h, device="cuda", generator=g))
+    direct = torch.zeros(b, t, h, device="cuda")
+    direct[:, -1] = 0.01 * torch.randn(b, h, device="cuda", generator=g)
+    w = torch.linalg.qr(torch.randn(h, h, device="cuda", generator=g))[0]
+    m = torch.linalg.solve(w.T @ w + torch.eye(h, device="cuda"), w.T)
+    return states.to(dtype), direct.to(dtype), m
+
+
+def kernel_table():
+    print("kernel alone: shape, block_b, num_warps, precision -> ms (median), rel err vs float64 torch")
+    for b, t, h in [(512, 784, 128), (128, 1000, 128), (256, 784, 512)]:
+        s, d, m = inputs(b, t, h)
+        ref = linearized_shifts(s.double(), d.double(), m.double(), nonlinearity="tanh", eps=1e-3)
+        tref = triton.testing.do_bench(lambda: linearized_shifts(s, d, m, nonlinearity="tanh", eps=1e-3),
+                                       return_mode="median")
+        print(f"  ({b},{t},{h}) torch loop: {tref:.3f} ms")
+        blocks = (16, 32, 64) if h <= 128 else (16, 32)
+        for bb, nw, prec in itertools.product(blocks, (1, 2, 4, 8), ("tf32", "tf32x3", "ieee")):
+            try:
+                fn = lambda: fused_shifts(s, d, m, nonlinearity="tanh", eps=1e-3, block_b=bb, num_warps=nw,  # noqa: E731
+                                          precision=prec)
+                out = fn()
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                ms = triton.testing.do_bench(fn, return_mode="median")
+                print(f"  ({b},{t},{h}) bb={bb:<3} nw={nw} {prec:7s} {ms:8.3f} ms  err={err:.2e}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"  ({b},{t},{h}) bb={bb} nw={nw} {prec}: failed {type(e).__name__}: {str(e)[:80]}")
+
+
+def breakdown():
+    print("TP iteration parts (ms, CUDA events, median of 20)")
+    for b, t, h, dim in [(512, 784, 128, 1), (128, 1000, 128, 10), (256, 784, 512, 1)]:
+        torch.manual_seed(0)
+        model = seqtp.RNNModel(dim, h, 10).cuda()
+        x = torch.randn(b, t, dim, device="cuda")
+        y = torch.randint(0, 10, (b,), device="cuda")
+        cell = seqtp.make_cell(model)
+        parts = {}
+
+        def timed(name, fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            parts.setdefault(name, []).append(start.elapsed_time(end))
+            return out
+
+        for _ in range(23):
+            with torch.no_grad():
+                hs = timed("forward (cudnn)", lambda: model.states(x))
+            leaf = hs.detach().requires_grad_()
+            timed("readout+loss backward", lambda: torch.nn.functional.cross_entropy(model.read(leaf), y).backward())
+            direct = leaf.grad * -0.1 * b
+            solver = timed("factorize", lambda: seqtp.AnalyticInverse(reg=1.0, backend="triton").bind(cell, x, hs))
+            deltas = timed("recursion (triton)", lambda: solver.propagate(direct))
+            timed("local update", lambda: seqtp.local_update_grads(seqtp.elman_params(model), x, hs, deltas))
+        print(f"  ({b},{t},{h},{dim}): " + ", ".join(f"{k} {sorted(v[3:])[len(v[3:]) // 2]:.3f}"
+                                                   for k, v in parts.items()))
+
+
+if __name__ == "__main__":
+    breakdown()
+    kernel_table()
