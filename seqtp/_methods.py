@@ -90,7 +90,7 @@ def local_update_grads(
     """
     batch, seq_len, hidden = states.shape
     g_z = activation_grad_from_output(states, params.nonlinearity).mul_(deltas).div_(-batch)  # [B, T, H]
-    g_ih = torch.einsum("bth,btd->hd", g_z, x)  # [H, D]
+    g_ih = g_z.reshape(batch * seq_len, hidden).T @ x.reshape(batch * seq_len, -1)  # [H, D]
     # dL/dW = sum_{b, t >= 1} g_z[b, t] h[b, t-1]^T without materializing the shifted states: in the flattened
     # [B*T, H] views row i pairs with row i - 1 (contiguous slices); the B - 1 wrong pairs (g_z[b, 0] with
     # h[b-1, T-1]) are subtracted; h_0 = 0 contributes nothing.

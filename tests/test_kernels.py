@@ -1,9 +1,9 @@
 """Fast paths of the target recursion (Triton kernel, CUDA graph) against the pure-torch reference.
 
 Tolerances: the reference runs in float64 on the same (possibly bf16-rounded) inputs. The kernel loads its inputs in
-their dtype, accumulates in float32 and multiplies with ``tl.dot`` in ``tf32x3`` (float32 inputs, about float32
-accuracy: relative error ~1e-6 per step) or ``tf32`` (bf16/fp16 inputs: ~1e-3 per step). With ``M`` a contraction
-the per-step errors do not compound, so we allow 1e-4 (float32) and 1e-2 (bf16/fp16) relative error on ``delta``.
+their dtype, accumulates in float32 and multiplies with ``tl.dot`` in ``tf32`` by default (10-bit mantissa products:
+~5e-4 relative error per product) or ``tf32x3`` (about float32: ~1e-6). With ``M`` a contraction the per-step errors
+do not compound, so we allow 3e-3 (tf32) and 1e-5 (tf32x3) relative error on ``delta``.
 """
 
 from __future__ import annotations
@@ -68,17 +68,20 @@ def rel_err(a, b):
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "identity"])
 @pytest.mark.parametrize("mode", ["linearized", "difference"])
 @pytest.mark.parametrize("shift_cap", [None, 0.02])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_matches_reference(hidden, nonlinearity, mode, shift_cap, dtype):
+@pytest.mark.parametrize(("dtype", "precision"), [(torch.float32, "tf32"), (torch.float32, "tf32x3"),
+                                                  (torch.bfloat16, "tf32")])
+def test_triton_kernel_matches_reference(hidden, nonlinearity, mode, shift_cap, dtype, precision):
     from seqtp.kernels._triton import fused_shifts
 
     for batch in (1, 37):
         states, direct, m = recursion_inputs(batch, 50, hidden, nonlinearity, dtype=dtype, device="cuda")
-        got = fused_shifts(states, direct, m, mode=mode, nonlinearity=nonlinearity, eps=1e-3, shift_cap=shift_cap)
+        got = fused_shifts(states, direct, m, mode=mode, nonlinearity=nonlinearity, eps=1e-3, shift_cap=shift_cap,
+                           precision=precision)
         assert got.dtype == dtype and got.shape == states.shape
         assert torch.isfinite(got).all()
         want = reference(states, direct, m, mode=mode, nonlinearity=nonlinearity, shift_cap=shift_cap)
-        assert rel_err(got, want) < (1e-4 if dtype == torch.float32 else 1e-2), (batch, rel_err(got, want))
+        tol = 1e-5 if precision == "tf32x3" else 3e-3
+        assert rel_err(got, want) < tol, (batch, rel_err(got, want))
 
 
 @gpu
@@ -110,7 +113,7 @@ def test_tp_iteration_fast_path_equals_torch_path(backend):
         method = seqtp.TargetProp(reg=1.0, target_lr=0.1, solver="analytic", solver_options={"backend": name})
         method.backward(model, x, lambda s, model=model: torch.nn.functional.cross_entropy(model.read(s), y))
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert rel_err(grads[backend], grads["torch"]) < 1e-4
+    assert rel_err(grads[backend], grads["torch"]) < 3e-3  # tf32 products in the kernel
 
 
 @gpu

@@ -23,12 +23,13 @@ def triton_available() -> bool:
 
 
 BACKENDS = ("auto", "torch", "triton", "cuda_graph")
+SINGLE_TILE_MAX = 128  # the kernel keeps M on chip up to this hidden size; above, auto prefers the CUDA graph
 
 
 def choose_backend(backend: str, states: torch.Tensor, mode: str) -> str:
     """Resolve ``backend`` for a recursion on ``states``: ``auto`` picks ``triton`` for the linearized and difference
-    rules on a CUDA tensor in float32/bfloat16/float16 when triton imports, else ``cuda_graph`` for the linearized
-    rule on CUDA, else ``torch``.
+    rules on a CUDA tensor in float32/bfloat16/float16 with ``H <= 128`` when triton imports, else ``cuda_graph``
+    for the linearized rule on CUDA, else ``torch``.
 
     Raises:
         ValueError: an unknown backend, or one that cannot run on these inputs (named in the message).
@@ -39,7 +40,7 @@ def choose_backend(backend: str, states: torch.Tensor, mode: str) -> str:
     kernel_ok = on_cuda and mode in ("linearized", "difference") and states.dtype in (
         torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
-        if kernel_ok and triton_available():
+        if kernel_ok and states.shape[-1] <= SINGLE_TILE_MAX and triton_available():
             return "triton"
         return "cuda_graph" if on_cuda and mode == "linearized" else "torch"
     if backend == "triton" and not (kernel_ok and triton_available()):
