@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACTS = {"tanh": 0, "relu": 1, "identity": 2}
 from . import SINGLE_TILE_MAX
+
+ACTS = {"tanh": 0, "relu": 1, "identity": 2}
 
 
 @triton.jit
