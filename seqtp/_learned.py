@@ -88,9 +88,11 @@ class LearnedInverse(InverseSolver):
         L = mean_b sum_{t=1}^{T-1} |g(f(s_{t-1} + sigma e, x_t), x_t) - (s_{t-1} + sigma e)|^2,   e ~ N(0, I)
 
     (``f`` = ``cell.step`` on ``[B, T-1, S]``, under ``no_grad``; only ``V, U_g, c`` are trained). This loss sums over
-    steps, so its gradient grows with ``T``: ``feedback_lr=0.01`` suits ``T ~ 30`` but diverges at ``T = 784``
-    (pixel MNIST). ``reduction="mean"`` averages over the ``T - 1`` steps instead, so that one ``feedback_lr``
-    (e.g. 0.3) serves every length.
+    steps, so its gradient grows with ``T``: with ``reduction="sum"``, ``feedback_lr=0.01`` already diverged at
+    ``T = 60`` (temporal order: the loss rose from 1660 to 2120 over 200 iterations) and at ``T = 784``. The default
+    ``reduction="mean"`` averages over the ``T - 1`` steps instead, so that one ``feedback_lr`` serves every length;
+    the default ``feedback_lr=0.1`` took the loss from 1.73 to 0.48 over 300 temporal-order iterations (T = 60),
+    where 0.3 diverged.
 
     The feedback cell (:attr:`feedback`, a :class:`FeedbackCell`) is created at the first :meth:`fit` or
     :meth:`bind` from the cell's sizes (``S = cell.state_size``, ``D = cell.input_size``), on the states' device and
@@ -102,7 +104,7 @@ class LearnedInverse(InverseSolver):
         feedback_lr: SGD learning rate of the feedback cell.
         noise: ``sigma``, the standard deviation of the corruption (0 for none).
         momentum: SGD momentum (``torch.optim.SGD``; 0 = plain SGD).
-        reduction: over steps, ``"sum"`` (default, as above) or ``"mean"`` (the loss divided by ``T - 1``); always
+        reduction: over steps, ``"mean"`` (default: the loss divided by ``T - 1``) or ``"sum"`` (as above); always
             a mean over the batch.
         seed: seeds the init and the noise generator.
         nonlinearity: ``"tanh"`` (default, as in TPTT) or ``"identity"`` (e.g. for LSTM, whose cell-state half of
@@ -113,8 +115,8 @@ class LearnedInverse(InverseSolver):
             :meth:`bind`).
     """
 
-    def __init__(self, *, reg: float = 1.0, feedback_lr: float = 0.01, noise: float = 0.1, momentum: float = 0.0,
-                 seed: int = 0, nonlinearity: str = "tanh", reduction: str = "sum"):
+    def __init__(self, *, reg: float = 1.0, feedback_lr: float = 0.1, noise: float = 0.1, momentum: float = 0.0,
+                 seed: int = 0, nonlinearity: str = "tanh", reduction: str = "mean"):
         super().__init__(reg=reg)
         if not feedback_lr > 0:
             raise ValueError(f"feedback_lr must be > 0, got {feedback_lr}")

@@ -283,7 +283,7 @@ def test_gru_with_a_learned_base():
     """GRU with a trained learned inverse as ``g``: more iterations reduce the residual ``|f(u) - v|``; ``fit`` and
     ``state_dict`` reach the base; all rules run."""
     cell, x, states = rnn_problem("gru")
-    learned = LearnedInverse(feedback_lr=0.03, seed=1)
+    learned = LearnedInverse(feedback_lr=0.03, seed=1, reduction="sum")
     solver = IteratedInverse(base=learned, steps=20)
     assert solver.fit == learned.fit and not hasattr(IteratedInverse(), "fit")
     for _ in range(400):
