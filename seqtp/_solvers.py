@@ -16,6 +16,7 @@ import torch
 
 from ._cells import Cell, ElmanParams, inverse_activation_grad
 from ._inverse import ElmanInverse
+from .kernels import BACKENDS, choose_backend
 
 MODES = ("linearized", "difference", "exact")
 
@@ -146,8 +147,6 @@ class AnalyticInverse(InverseSolver):
 
     def __init__(self, *, reg: float, eps: float = 1e-3, backend: str = "auto"):
         super().__init__(reg=reg)
-        from .kernels import BACKENDS
-
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.eps, self.backend = eps, backend
@@ -177,8 +176,6 @@ class AnalyticInverse(InverseSolver):
         if direct.shape != self.states.shape:
             raise ValueError(f"direct shifts {tuple(direct.shape)} must have the states' shape "
                              f"{tuple(self.states.shape)}")
-        from .kernels import choose_backend
-
         backend = choose_backend(self.backend, self.states, mode)
         nl = self.inverse.params.nonlinearity
         if backend == "triton":

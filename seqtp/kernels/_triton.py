@@ -72,7 +72,7 @@ def _cap(delta, h, cap):
 
 
 @triton.jit
-def _linearized_single_tile(
+def _recursion_single_tile(
     states_ptr, direct_ptr, mt_ptr, out_ptr,
     B, T, H,
     stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
@@ -108,7 +108,7 @@ def _linearized_single_tile(
 
 
 @triton.jit
-def _linearized_tiled(
+def _recursion_tiled(
     states_ptr, direct_ptr, mt_ptr, out_ptr,
     B, T, H,
     stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
@@ -231,7 +231,7 @@ def fused_shifts(
             direct.stride(1), out.stride(0), out.stride(1), float(eps), float(shift_cap or 0.0))
     if hidden <= SINGLE_TILE_MAX:
         block_h = max(16, triton.next_power_of_2(hidden))
-        _linearized_single_tile[grid](*args, BLOCK_H=block_h, num_warps=num_warps, **common)
+        _recursion_single_tile[grid](*args, BLOCK_H=block_h, num_warps=num_warps, **common)
     else:
-        _linearized_tiled[grid](*args, BLOCK_N=64, BLOCK_K=64, num_warps=num_warps, **common)
+        _recursion_tiled[grid](*args, BLOCK_N=64, BLOCK_K=64, num_warps=num_warps, **common)
     return out if states.dtype == torch.float32 else out.to(states.dtype)
