@@ -186,12 +186,8 @@ class TargetProp(Method):
     def solver_for(self, cell: Cell) -> InverseSolver:
         """The solver instance (built at the first call, then kept: a learned inverse carries its weights)."""
         if self._solver is None:
-            options = dict(self.solver_options)
-            name = self.solver_name
-            resolved = name if name != "auto" else ("analytic" if cell.output_nonlinearity else "gauss_newton")
-            if resolved in ("analytic", "iterated") and "eps" not in options:
-                options["eps"] = self.eps
-            self._solver = make_solver(resolved, cell=cell, reg=self.reg, **options)
+            self._solver = make_solver(self.solver_name, cell=cell, reg=self.reg, eps=self.eps,
+                                       **self.solver_options)
         return self._solver
 
     def state_dict(self) -> dict:

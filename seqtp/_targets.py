@@ -13,6 +13,8 @@ The reference recursion is a Python loop over time, each step one batched comput
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ._cells import Cell, make_cell
@@ -31,9 +33,10 @@ SOLVERS: dict[str, type[InverseSolver]] = {
 }
 
 
-def make_solver(name: str, *, cell: Cell, reg: float, **options) -> InverseSolver:
+def make_solver(name: str, *, cell: Cell, reg: float, eps: float | None = None, **options) -> InverseSolver:
     """The solver ``name`` (a key of :data:`SOLVERS`, or ``"auto"``: ``analytic`` for Elman cells, else
-    ``gauss_newton``) built with ``reg`` and its own keyword ``options``.
+    ``gauss_newton``) built with ``reg``, the ``atanh`` clamp ``eps`` (for the solvers that take it) and its own
+    keyword ``options``.
 
     Raises:
         ValueError: unknown name, or an option the solver does not take (one line naming it).
@@ -42,8 +45,11 @@ def make_solver(name: str, *, cell: Cell, reg: float, **options) -> InverseSolve
         name = "analytic" if cell.output_nonlinearity is not None else "gauss_newton"
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose from auto, {', '.join(SOLVERS)}")
+    cls = SOLVERS[name]
+    if eps is not None and "eps" in inspect.signature(cls).parameters and "eps" not in options:
+        options["eps"] = eps
     try:
-        return SOLVERS[name](reg=reg, **options)
+        return cls(reg=reg, **options)
     except TypeError as e:
         raise ValueError(f"solver {name!r}: {e}") from None
 
@@ -116,7 +122,6 @@ def propagate_targets(
     cell = make_cell(rnn, dtype=states.dtype)
     full, direct = complete_states(cell, x, states, direct_shifts)
     if not isinstance(solver, InverseSolver):
-        options = {"eps": eps} if solver in ("auto", "analytic") and cell.output_nonlinearity else {}
-        solver = make_solver(solver, cell=cell, reg=reg, **options)
+        solver = make_solver(solver, cell=cell, reg=reg, eps=eps)
     solver.bind(cell, x, full)
     return full + solver.propagate(direct, mode=mode, shift_cap=shift_cap)
