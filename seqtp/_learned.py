@@ -273,12 +273,16 @@ class LearnedInverse(InverseSolver):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (rebuilds the feedback cell from the saved shapes, device and dtype)."""
+        """Restore :meth:`state_dict` (rebuilds the feedback cell from the saved shapes; device and dtype those of the
+        cell already built, else the saved ones)."""
         if not state:
             return
         fb = state["feedback"]
         s, d = fb["U"].shape
-        self._build(s, d, fb["V"].device, fb["V"].dtype)
+        # an already built cell keeps its device and dtype: a checkpoint loaded on the CPU (map_location="cpu")
+        # must not move a CUDA solver, whose noise generator state is a CUDA one
+        like = self.feedback.V if self.feedback is not None else fb["V"]
+        self._build(s, d, like.device, like.dtype)
         self.feedback.load_state_dict(fb)
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.generator.set_state(state["generator"])

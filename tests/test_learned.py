@@ -198,3 +198,17 @@ def test_size_mismatch_and_invalid_options():
 
 def test_registered_as_a_solver():
     assert seqtp.SOLVERS["learned"] is LearnedInverse and issubclass(LearnedInverse, InverseSolver)
+
+
+def test_load_state_dict_keeps_the_built_device_and_dtype():
+    """A checkpoint read with map_location="cpu" (as the training loop does) must not move a built solver: it keeps
+    its dtype (and, on CUDA, its device and CUDA noise generator)."""
+    _, cell, x, states = problem("elman")
+    saved = LearnedInverse(seed=3)
+    saved.fit(cell, x, states)
+    state = saved.state_dict()
+    state["feedback"] = {k: v.float() for k, v in state["feedback"].items()}  # stored in another dtype
+    solver = LearnedInverse(seed=3).bind(cell, x, states)
+    solver.load_state_dict(state)
+    assert solver.feedback.V.dtype == states.dtype
+    torch.testing.assert_close(solver.feedback.V, saved.feedback.V, rtol=1e-6, atol=1e-7)
