@@ -104,20 +104,10 @@ def elman_params(rnn: torch.nn.Module, *, dtype: torch.dtype | None = None) -> E
         TypeError: if ``rnn`` is not such a module.
         ValueError: if it is multi-layer, bidirectional, or not ``batch_first``.
     """
-    nonlinearity = getattr(rnn, "nonlinearity", None)
-    core = getattr(rnn, "rnn", rnn)
-    if not isinstance(core, torch.nn.RNN):
-        raise TypeError(f"expected a torch.nn.RNN or seqtp.RNNModel, got {type(rnn).__name__}")
-    if core.num_layers != 1 or core.bidirectional or not core.batch_first:
-        raise ValueError("only single-layer, unidirectional, batch_first=True RNNs are supported")
-    nonlinearity = check_nonlinearity(nonlinearity or core.nonlinearity)
-    w_hh = core.weight_hh_l0.detach()
-    if core.bias:
-        bias = (core.bias_ih_l0 + core.bias_hh_l0).detach()
-    else:
-        bias = torch.zeros_like(w_hh[0])
-    w_ih = core.weight_ih_l0.detach()
-    return ElmanParams(w_ih.to(dtype), w_hh.to(dtype), bias.to(dtype), nonlinearity)
+    cell = make_cell(rnn, dtype=dtype)
+    if not isinstance(cell, ElmanCell):
+        raise TypeError(f"expected a torch.nn.RNN or an Elman seqtp.RNNModel, got a {cell.kind} cell")
+    return cell.elman_params()
 
 
 def elman_forward(
@@ -246,6 +236,12 @@ class ElmanCell(Cell):
         core = _core_module(module)
         self.output_nonlinearity = check_nonlinearity(nonlinearity or getattr(module, "nonlinearity", None)
                                                       or core.nonlinearity)
+
+    def elman_params(self) -> ElmanParams:
+        """The parameters as :class:`ElmanParams` (``b = bias_ih + bias_hh``)."""
+        p = self.params
+        return ElmanParams(p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"] + p["bias_hh_l0"],
+                           self.output_nonlinearity)
 
     def preactivation(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``W h + U x + b`` ``[..., H]``."""

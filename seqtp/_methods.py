@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._cells import Cell, ElmanParams, activation_grad_from_output, elman_params, make_cell
+from ._cells import Cell, ElmanParams, activation_grad_from_output, make_cell
 from ._model import RNNModel
 from ._solvers import InverseSolver
 from ._targets import SOLVERS, check_mode, complete_states, make_solver
@@ -237,7 +237,7 @@ class TargetProp(Method):
             (0.5 * (full - (states + deltas)).square().sum(dim=(1, 2)).mean()).backward()
         elif cell.kind == "elman":  # closed form, no autograd
             rnn = getattr(model, "rnn", model)
-            g_ih, g_hh, g_b = local_update_grads(elman_params(model), x, states, deltas)
+            g_ih, g_hh, g_b = local_update_grads(cell.elman_params(), x, states, deltas)
             pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
             if rnn.bias:
                 pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ._cells import Cell, ElmanParams, inverse_activation_grad
+from ._cells import Cell, inverse_activation_grad
 from ._inverse import ElmanInverse
 from .kernels import BACKENDS, choose_backend
 
@@ -101,15 +101,19 @@ class InverseSolver(ABC):
     def report(self) -> dict[str, float]:
         return dict(self._report)
 
+    def _check_propagate(self, direct: torch.Tensor, mode: str) -> None:
+        check_mode(mode)
+        if direct.shape != self.states.shape:
+            raise ValueError(f"direct shifts {tuple(direct.shape)} must have the states' shape "
+                             f"{tuple(self.states.shape)}")
+
     def propagate(
         self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
     ) -> torch.Tensor:
         """Shifts ``delta`` ``[B, T, S]`` of rule ``mode``, from ``delta_T = dhat_T`` backwards (call :meth:`bind`
         first). Each ``delta_t`` is capped by :func:`cap_shift` before it is propagated further."""
-        check_mode(mode)
+        self._check_propagate(direct, mode)
         states = self.states
-        if direct.shape != states.shape:
-            raise ValueError(f"direct shifts {tuple(direct.shape)} must have the states' shape {tuple(states.shape)}")
         deltas = torch.empty_like(states)  # [B, T, S]
         delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, S]
         deltas[:, -1] = delta
@@ -155,10 +159,7 @@ class AnalyticInverse(InverseSolver):
         if cell.output_nonlinearity is None:
             raise TypeError(f"the analytic inverse needs an Elman cell, got a {cell.kind} cell")
         super().bind(cell, x, states)
-        p = cell.params
-        params = ElmanParams(p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"] + p["bias_hh_l0"],
-                             cell.output_nonlinearity)
-        self.inverse = ElmanInverse(params, reg=self.reg, eps=self.eps)
+        self.inverse = ElmanInverse(cell.elman_params(), reg=self.reg, eps=self.eps)
         self.drive = self.inverse.drive(x)  # [B, T, H]
         return self
 
@@ -172,10 +173,7 @@ class AnalyticInverse(InverseSolver):
         return self.inverse.difference(delta, self.states[:, t])
 
     def propagate(self, direct, *, mode="linearized", shift_cap=None):
-        check_mode(mode)
-        if direct.shape != self.states.shape:
-            raise ValueError(f"direct shifts {tuple(direct.shape)} must have the states' shape "
-                             f"{tuple(self.states.shape)}")
+        self._check_propagate(direct, mode)
         backend = choose_backend(self.backend, self.states, mode)
         nl = self.inverse.params.nonlinearity
         if backend == "triton":
