@@ -10,6 +10,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 } 2>&1 | tee "$out/env.txt"
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/pytest_gpu.txt" | tail -15
 python3 -m pytest -q -x -m "not gpu" tests 2>&1 | tee "$out/pytest_all.txt" | tail -8
-variants=bptt,tp-linearized-local,tp-linearized-local-triton,tp-linearized-local-cuda_graph,tp-difference-local-triton,tp-exact-local,tp-linearized-through_time,tp-linearized-local-naive
+variants=bptt,tp-linearized-local,tp-linearized-local-triton,tp-linearized-local-triton_fused,tp-linearized-local-cuda_graph,tp-difference-local-triton,tp-exact-local-triton,tp-exact-local,tp-linearized-through_time,tp-linearized-local-naive
 python3 -m seqtp bench --device cuda --repeats ${REPEATS:-20} --warmup 3 --variants "$variants" \
     --json "$out/bench_gpu.json" 2>&1 | grep -v USDT | tee "$out/bench_gpu.txt" | tail -32
+python3 scripts/kernel_tune.py 2>&1 | tee "$out/kernel_tune.txt" | tail -40

@@ -12,8 +12,9 @@ import torch
 import triton.testing
 
 import seqtp
+from seqtp._methods import local_update_grads_from_factor
 from seqtp._solvers import linearized_shifts
-from seqtp.kernels._triton import fused_shifts
+from seqtp.kernels._triton import fused_local_factor, fused_shifts
 
 
 def inputs(b, t, h, dtype=torch.float32):
@@ -27,24 +28,34 @@ def inputs(b, t, h, dtype=torch.float32):
 
 
 def kernel_table():
-    print("kernel alone: shape, block_b, num_warps, precision -> ms (median), rel err vs float64 torch")
+    print("kernel alone: shape, block_b, num_warps, precision, prefetch, epilogue -> ms (median), rel err vs float64")
     for b, t, h in [(512, 784, 128), (128, 1000, 128), (256, 784, 512)]:
         s, d, m = inputs(b, t, h)
         ref = linearized_shifts(s.double(), d.double(), m.double(), nonlinearity="tanh", eps=1e-3)
         tref = triton.testing.do_bench(lambda: linearized_shifts(s, d, m, nonlinearity="tanh", eps=1e-3),
                                        return_mode="median")
         print(f"  ({b},{t},{h}) torch loop: {tref:.3f} ms")
-        blocks = (16, 32, 64) if h <= 128 else (16, 32)
-        for bb, nw, prec in itertools.product(blocks, (1, 2, 4, 8), ("tf32", "tf32x3", "ieee")):
+        blocks = (16, 32) if h <= 128 else (16,)
+        prefetches = (False, True) if h <= 128 else (False,)
+        epilogues = ("shifts", "local") if h <= 128 else ("shifts",)
+        for bb, nw, prec, pf, epi in itertools.product(blocks, (4, 8), ("tf32", "tf32x3"), prefetches, epilogues):
             try:
-                fn = lambda: fused_shifts(s, d, m, nonlinearity="tanh", eps=1e-3, block_b=bb, num_warps=nw,
-                                          precision=prec)
-                out = fn()
-                err = ((out.double() - ref).norm() / ref.norm()).item()
+                opts = dict(nonlinearity="tanh", eps=1e-3, block_b=bb, num_warps=nw, precision=prec, prefetch=pf)
+                if epi == "shifts":
+                    fn = lambda: fused_shifts(s, d, m, **opts)
+                    out = fn()
+                    want = ref
+                else:
+                    fn = lambda: fused_local_factor(s, d, m, grad_scale=1.0, **opts)[0]
+                    out = fn()
+                    want = ref * (1 - s.double() ** 2)
+                err = ((out.double() - want).norm() / want.norm()).item()
                 ms = triton.testing.do_bench(fn, return_mode="median")
-                print(f"  ({b},{t},{h}) bb={bb:<3} nw={nw} {prec:7s} {ms:8.3f} ms  err={err:.2e}", flush=True)
+                print(f"  ({b},{t},{h}) bb={bb:<3} nw={nw} {prec:7s} prefetch={pf!s:5} {epi:6s} {ms:8.3f} ms  "
+                      f"err={err:.2e}", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"  ({b},{t},{h}) bb={bb} nw={nw} {prec}: failed {type(e).__name__}: {str(e)[:80]}")
+                print(f"  ({b},{t},{h}) bb={bb} nw={nw} {prec} prefetch={pf} {epi}: failed {type(e).__name__}: "
+                      f"{str(e)[:80]}")
 
 
 def breakdown():
@@ -72,9 +83,13 @@ def breakdown():
             leaf = hs.detach().requires_grad_()
             timed("readout+loss backward", lambda: torch.nn.functional.cross_entropy(model.read(leaf), y).backward())
             direct = leaf.grad * -0.1 * b
-            solver = timed("factorize", lambda: seqtp.AnalyticInverse(reg=1.0, backend="triton").bind(cell, x, hs))
-            deltas = timed("recursion (triton)", lambda: solver.propagate(direct))
+            solver = timed("factorize", lambda: seqtp.AnalyticInverse(reg=1.0, fuse_local_update=True).bind(
+                cell, x, hs))
+            deltas = timed("recursion (auto)", lambda: solver.propagate(direct))
             timed("local update", lambda: seqtp.local_update_grads(seqtp.elman_params(model), x, hs, deltas))
+            if h <= 128:
+                g_z, _ = timed("recursion + epilogue", lambda: solver.propagate_local_factor(direct))
+                timed("update from factor", lambda: local_update_grads_from_factor(x, hs, g_z))
         print(f"  ({b},{t},{h},{dim}): " + ", ".join(f"{k} {sorted(v[3:])[len(v[3:]) // 2]:.3f}"
                                                    for k, v in parts.items()))
 

@@ -12,7 +12,7 @@ import torch
 
 from ._cells import Cell, ElmanParams, activation_grad_from_output, make_cell
 from ._model import RNNModel
-from ._solvers import InverseSolver
+from ._solvers import AnalyticInverse, InverseSolver
 from ._targets import SOLVERS, check_mode, complete_states, make_solver
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -88,16 +88,28 @@ def local_update_grads(
     Returns:
         ``(dL/dU [H, D], dL/dW [H, H], dL/db [H])``; ``dL/db`` is the gradient of each of ``bias_ih``, ``bias_hh``.
     """
+    g_z = activation_grad_from_output(states, params.nonlinearity).mul_(deltas).div_(-states.shape[0])  # [B, T, H]
+    return local_update_grads_from_factor(x, states, g_z)
+
+
+def local_update_grads_from_factor(
+    x: torch.Tensor, states: torch.Tensor, g_z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The second half of :func:`local_update_grads`: the parameter gradients from ``g_z = dL_loc/dz`` ``[B, T, H]``
+    (which the fused kernel's epilogue can write directly, :func:`seqtp.kernels._triton.fused_local_factor`).
+
+    Returns:
+        ``(dL/dU [H, D], dL/dW [H, H], dL/db [H])``.
+    """
     batch, seq_len, hidden = states.shape
-    g_z = activation_grad_from_output(states, params.nonlinearity).mul_(deltas).div_(-batch)  # [B, T, H]
-    g_ih = g_z.reshape(batch * seq_len, hidden).T @ x.reshape(batch * seq_len, -1)  # [H, D]
+    g_flat, h_flat = g_z.reshape(batch * seq_len, hidden), states.reshape(batch * seq_len, hidden)  # [B*T, H]
+    g_ih = g_flat.T @ x.reshape(batch * seq_len, -1).to(g_z.dtype)  # [H, D]
     # dL/dW = sum_{b, t >= 1} g_z[b, t] h[b, t-1]^T without materializing the shifted states: in the flattened
     # [B*T, H] views row i pairs with row i - 1 (contiguous slices); the B - 1 wrong pairs (g_z[b, 0] with
     # h[b-1, T-1]) are subtracted; h_0 = 0 contributes nothing.
-    g_flat, h_flat = g_z.reshape(batch * seq_len, hidden), states.reshape(batch * seq_len, hidden)
-    g_hh = g_flat[1:].T @ h_flat[:-1]  # [H, H]
+    g_hh = g_flat[1:].T @ h_flat[:-1].to(g_z.dtype)  # [H, H]
     if batch > 1:
-        g_hh -= g_z[1:, 0].T @ states[:-1, -1]  # [H, H]
+        g_hh -= g_z[1:, 0].T @ states[:-1, -1].to(g_z.dtype)  # [H, H]
     return g_ih, g_hh, g_z.sum(dim=(0, 1))  # [H]
 
 
@@ -226,10 +238,20 @@ class TargetProp(Method):
                 self._pending_state = None
             stats["feedback_loss"] = torch.as_tensor(solver.fit(cell, x, states))
         solver.bind(cell, x, states)
-        deltas = solver.propagate(direct, mode=self.mode, shift_cap=self.shift_cap)  # [B, T, S]
-        del direct  # memory: the peak is states + deltas + one [B, T, S] temporary
-        norms = deltas.norm(dim=-1).mean(dim=0)  # [T]
-        stats.update({"shift_first": norms[0], "shift_mid": norms[norms.shape[0] // 2], "shift_last": norms[-1]})
+        seq_len = states.shape[1]
+        steps = [0, seq_len // 2, seq_len - 1]  # the steps whose mean shift norm is reported
+        fused = None
+        if self.update == "local" and cell.kind == "elman" and isinstance(solver, AnalyticInverse):
+            fused = solver.propagate_local_factor(direct, mode=self.mode, shift_cap=self.shift_cap)
+        if fused is not None:  # the kernel wrote dL_loc/dz and |delta_t|; delta itself never exists
+            g_z, row_norms = fused  # [B, T, H], [B, T]
+            del direct
+            norms = row_norms[:, steps].mean(dim=0)  # [3]
+        else:
+            deltas = solver.propagate(direct, mode=self.mode, shift_cap=self.shift_cap)  # [B, T, S]
+            del direct  # memory: the peak is states + deltas + one [B, T, S] temporary
+            norms = deltas[:, steps].norm(dim=-1).mean(dim=0)  # [3]: three steps, not all T
+        stats.update({"shift_first": norms[0], "shift_mid": norms[1], "shift_last": norms[2]})
         stats.update({f"solver_{k}": torch.as_tensor(v) for k, v in solver.report().items()})
         if through_time:
             graph_cell = make_cell(model, detach=False)
@@ -237,7 +259,10 @@ class TargetProp(Method):
             (0.5 * (full - (states + deltas)).square().sum(dim=(1, 2)).mean()).backward()
         elif cell.kind == "elman":  # closed form, no autograd
             rnn = getattr(model, "rnn", model)
-            g_ih, g_hh, g_b = local_update_grads(cell.elman_params(), x, states, deltas)
+            if fused is not None:
+                g_ih, g_hh, g_b = local_update_grads_from_factor(x, states, g_z)
+            else:
+                g_ih, g_hh, g_b = local_update_grads(cell.elman_params(), x, states, deltas)
             pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
             if rnn.bias:
                 pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))

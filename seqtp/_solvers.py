@@ -16,7 +16,7 @@ import torch
 
 from ._cells import Cell, inverse_activation_grad
 from ._inverse import ElmanInverse
-from .kernels import BACKENDS, choose_backend
+from .kernels import BACKENDS, SINGLE_TILE_MAX, choose_backend
 
 MODES = ("linearized", "difference", "exact")
 
@@ -80,9 +80,18 @@ class InverseSolver(ABC):
                 f"[B, T, {cell.state_size}] for a {cell.kind} cell"
             )
         self.cell, self.x, self.states = cell, x, states
-        self.prev = torch.cat([cell.initial_state(states).unsqueeze(1), states[:, :-1]], dim=1)  # [B, T, S]
+        self._prev: torch.Tensor | None = None
         self._report = {}
         return self
+
+    @property
+    def prev(self) -> torch.Tensor:
+        """The previous states ``s_0 .. s_{T-1}`` ``[B, T, S]`` (``s_0 = 0``), built at the first use after
+        :meth:`bind` (the analytic solver's linearized and difference rules never need them)."""
+        if self._prev is None:
+            states = self.states
+            self._prev = torch.cat([self.cell.initial_state(states).unsqueeze(1), states[:, :-1]], dim=1)
+        return self._prev
 
     @abstractmethod
     def invert(self, t: int, v: torch.Tensor) -> torch.Tensor:
@@ -140,28 +149,39 @@ class AnalyticInverse(InverseSolver):
     Args:
         reg: ``r > 0``. eps: clamp margin of ``atanh`` for tanh cells.
         backend: how :meth:`propagate` runs the recursion: ``"torch"`` (the reference loop), ``"triton"`` (the fused
-            kernel of :mod:`seqtp.kernels`, CUDA, linearized and difference rules), ``"cuda_graph"`` (the reference
+            kernel of :mod:`seqtp.kernels`, CUDA; the exact rule runs as the difference rule through
+            :meth:`exact_as_difference`), ``"cuda_graph"`` (the reference
             loop of the linearized rule captured once per shape and replayed), or ``"auto"`` (default: triton where
             it applies, else a CUDA graph on CUDA, else torch).
+        fuse_local_update: where the kernel runs with ``H <= 128``, let :meth:`propagate_local_factor` write the
+            local update's ``dL/dz`` from the kernel's epilogue instead of the shifts (used by
+            :class:`seqtp.TargetProp` with ``update="local"``). Off by default: not yet timed on a GPU.
 
     Raises:
         TypeError (at :meth:`bind`): the cell is not an Elman cell.
         seqtp.FactorizationError (at :meth:`bind`): ``W^T W + r I`` cannot be factorized.
     """
 
-    def __init__(self, *, reg: float, eps: float = 1e-3, backend: str = "auto"):
+    def __init__(self, *, reg: float, eps: float = 1e-3, backend: str = "auto", fuse_local_update: bool = False):
         super().__init__(reg=reg)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.eps, self.backend = eps, backend
+        self.eps, self.backend, self.fuse_local_update = eps, backend, bool(fuse_local_update)
 
     def bind(self, cell, x, states):
         if cell.output_nonlinearity is None:
             raise TypeError(f"the analytic inverse needs an Elman cell, got a {cell.kind} cell")
         super().bind(cell, x, states)
         self.inverse = ElmanInverse(cell.elman_params(), reg=self.reg, eps=self.eps)
-        self.drive = self.inverse.drive(x)  # [B, T, H]
+        self._drive: torch.Tensor | None = None
         return self
+
+    @property
+    def drive(self) -> torch.Tensor:
+        """``c_t = U x_t + b`` ``[B, T, H]``, built at the first use after :meth:`bind` (only ``invert`` needs it)."""
+        if self._drive is None:
+            self._drive = self.inverse.drive(self.x)
+        return self._drive
 
     def invert(self, t, v):
         return self.inverse.invert(v, self.prev[:, t], self.drive[:, t])
@@ -172,6 +192,46 @@ class AnalyticInverse(InverseSolver):
     def difference(self, t, delta):
         return self.inverse.difference(delta, self.states[:, t])
 
+    def exact_as_difference(self, direct: torch.Tensor) -> torch.Tensor:
+        """Direct shifts that turn the exact rule into the difference rule (call :meth:`bind` first).
+
+        ``delta_{t-1} = v_{t-1} - h_{t-1} = dhat_{t-1} + [psi_t(h_t + delta_t) - psi_t(h_t)] + e_t`` with the
+        reconstruction error ``e_t = psi_t(h_t) - h_{t-1}``, which does not depend on the targets: it is computed for
+        all steps at once (two ``[B*T, H] x [H, H]`` products), added to ``dhat_{t-1}``, and the sequential part is
+        the difference rule's recursion (the fused kernel). ``e_t`` is zero up to rounding and the clamp of ``atanh``.
+
+        Args:
+            direct: ``dhat`` ``[B, T, H]``.
+
+        Returns:
+            ``dhat + e`` ``[B, T, H]``, with ``e_t`` added at index ``t - 1`` (the last step unchanged).
+        """
+        states = self.states
+        drive = self.inverse.drive(self.x[:, 1:])  # [B, T-1, H]: c_t for t = 2 .. T
+        recon = self.inverse.invert(states[:, 1:], states[:, :-1], drive).sub_(states[:, :-1])  # [B, T-1, H]: e_t
+        out = direct.clone()
+        out[:, :-1] += recon
+        return out
+
+    def propagate_local_factor(
+        self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The shifts of :meth:`propagate` consumed inside the fused kernel (``fuse_local_update=True``): returns
+        ``(g [B, T, H], norms [B, T])`` with ``g_t = -delta_t * phi'(z_t) / B`` (``dL_loc/dz`` of
+        :func:`seqtp.local_update_grads`) and ``norms`` the row norms ``|delta_t|``, or ``None`` where the fused
+        epilogue does not apply (option off, backend not ``triton``, ``H > 128``); then call :meth:`propagate`."""
+        self._check_propagate(direct, mode)
+        backend = choose_backend(self.backend, self.states, mode)
+        if not (self.fuse_local_update and backend == "triton" and self.states.shape[-1] <= SINGLE_TILE_MAX):
+            return None
+        from .kernels._triton import fused_local_factor
+
+        if mode == "exact":
+            direct, mode = self.exact_as_difference(direct), "difference"
+        return fused_local_factor(self.states, direct, self.inverse.M, mode=mode,
+                                  nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap,
+                                  grad_scale=-1.0 / self.states.shape[0])
+
     def propagate(self, direct, *, mode="linearized", shift_cap=None):
         self._check_propagate(direct, mode)
         backend = choose_backend(self.backend, self.states, mode)
@@ -179,6 +239,8 @@ class AnalyticInverse(InverseSolver):
         if backend == "triton":
             from .kernels._triton import fused_shifts
 
+            if mode == "exact":
+                direct, mode = self.exact_as_difference(direct), "difference"
             return fused_shifts(self.states, direct, self.inverse.M, mode=mode, nonlinearity=nl, eps=self.eps,
                                 shift_cap=shift_cap)
         if backend == "cuda_graph" and mode == "linearized":

@@ -17,6 +17,9 @@ Variants (names for ``bench(variants=...)`` and ``--variants``):
   (``torch.cholesky_solve``) instead of reusing a precomputed ``M``, and adds the step's local loss to a sum that is
   differentiated by autograd at the end (:class:`_NaiveTargetProp`). It is the baseline the batched implementation is
   measured against; ``tests/test_bench.py`` checks that it computes the same gradients.
+- ``tp-{mode}-local-{backend}`` (CUDA only): the fast paths of :class:`seqtp.AnalyticInverse`: ``triton`` (the fused
+  kernel; the exact rule as the difference rule on corrected direct shifts), ``triton_fused`` (the kernel's epilogue
+  writes the local update's ``dL/dz`` instead of the shifts, ``fuse_local_update=True``) and ``cuda_graph``.
 
 The command line (``seqtp bench``) is :func:`add_arguments` + :func:`run_from_args`.
 """
@@ -68,13 +71,20 @@ def _variant_specs() -> dict[str, dict]:
         for update in UPDATES:
             specs[f"tp-{mode}-{update}"] = {"method": "tp", "mode": mode, "update": update, "backend": "torch"}
     specs["tp-linearized-local-naive"] = {"method": "tp", "mode": "linearized", "update": "local", "backend": "naive"}
-    for mode, backends in (("linearized", ("triton", "cuda_graph")), ("difference", ("triton",))):
+    for mode, backends in (("linearized", ("triton", "triton_fused", "cuda_graph")),
+                           ("difference", ("triton", "triton_fused")), ("exact", ("triton",))):
         for backend in backends:  # CUDA only
             specs[f"tp-{mode}-local-{backend}"] = {"method": "tp", "mode": mode, "update": "local", "backend": backend}
     return specs
 
 
-CUDA_ONLY_BACKENDS = ("triton", "cuda_graph")
+CUDA_ONLY_BACKENDS = ("triton", "triton_fused", "cuda_graph")
+SOLVER_BACKENDS = {  # a TP row's backend -> the options of seqtp.AnalyticInverse
+    "torch": {"backend": "torch"},
+    "triton": {"backend": "triton"},
+    "triton_fused": {"backend": "triton", "fuse_local_update": True},
+    "cuda_graph": {"backend": "cuda_graph"},
+}
 
 
 VARIANTS: dict[str, dict] = _variant_specs()
@@ -163,7 +173,7 @@ def _make_method(spec: dict) -> Method:
     if spec["backend"] == "naive":
         return _NaiveTargetProp(reg=REG, target_lr=TARGET_LR)
     return TargetProp(reg=REG, target_lr=TARGET_LR, mode=spec["mode"], update=spec["update"],
-                      solver="analytic", solver_options={"backend": spec["backend"]})
+                      solver="analytic", solver_options=SOLVER_BACKENDS[spec["backend"]])
 
 
 def _check_shape(shape: Sequence[int]) -> Shape:

@@ -162,8 +162,17 @@ def test_defaults():
 def test_cuda_rows():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
-    rows = B.bench([TINY], device="cuda", variants="bptt,tp-linearized-local,tp-linearized-local-naive",
-                   repeats=2, warmup=1)
+    rows = B.bench([TINY], device="cuda", variants=None, repeats=2, warmup=1)  # every variant, fast paths included
     assert rows[0]["backend"] == "cudnn"
+    assert [B.variant_name(r) for r in rows] == list(B.VARIANTS)
     for row in rows:
         assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["peak_mem_mb"] > 0
+
+
+def test_every_tp_variant_maps_to_solver_options():
+    for name, spec in B.VARIANTS.items():
+        assert B.variant_name(spec) == name
+        if spec["method"] == "tp" and spec["backend"] != "naive":
+            method = B._make_method(spec)
+            assert method.solver_options == B.SOLVER_BACKENDS[spec["backend"]]
+            seqtp.AnalyticInverse(reg=1.0, **method.solver_options)  # the options are the solver's

@@ -101,21 +101,12 @@ def test_cuda_graph_replays_the_reference(shift_cap):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda_graph"])
+@pytest.mark.parametrize("backend", ["triton", "triton_fused", "cuda_graph"])
 def test_tp_iteration_fast_path_equals_torch_path(backend):
-    if backend == "triton" and not triton_available():
+    if backend != "cuda_graph" and not triton_available():
         pytest.skip("needs triton")
-    torch.manual_seed(0)
-    x = torch.randn(32, 40, 3, device="cuda")
-    y = torch.randint(0, 4, (32,), device="cuda")
-    grads = {}
-    for name in ("torch", backend):
-        torch.manual_seed(0)
-        model = seqtp.RNNModel(3, 48, 4).cuda()
-        method = seqtp.TargetProp(reg=1.0, target_lr=0.1, solver="analytic", solver_options={"backend": name})
-        method.backward(model, x, lambda s, model=model: torch.nn.functional.cross_entropy(model.read(s), y))
-        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert rel_err(grads[backend], grads["torch"]) < 3e-3  # tf32 products in the kernel
+    modes = ("linearized",) if backend == "cuda_graph" else ("linearized", "difference", "exact")
+    assert fast_path_errors("cuda", names=(backend,), modes=modes) < 3e-3  # tf32 products in the kernel
 
 
 @gpu
@@ -179,26 +170,92 @@ def _interpreter_ok() -> bool:
     return (major, minor) < (2, 3)  # Triton 3.6's interpreter breaks on NumPy >= 2.3 (int() of 1-element arrays)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _interpreter_ok(), reason="needs triton and numpy < 2.3 for TRITON_INTERPRET=1")
-def test_triton_kernel_in_interpreter_mode_on_cpu():
-    """The kernel's logic on the CPU (TRITON_INTERPRET=1, numpy arithmetic): both tilings, both rules, the cap."""
-    code = f"""
-import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
-import torch
-from test_kernels import recursion_inputs, reference, rel_err
-from seqtp.kernels._triton import fused_shifts
-worst = 0.0
-for hidden in (12, 150):
-    for nl in ("tanh", "relu", "identity"):
-        for mode in ("linearized", "difference"):
-            for cap in (None, 0.02):
-                s, d, m = recursion_inputs(5, 6, hidden, nl, dtype=torch.float32, device="cpu")
-                got = fused_shifts(s, d, m, mode=mode, nonlinearity=nl, eps=1e-3, shift_cap=cap)
-                worst = max(worst, rel_err(got, reference(s, d, m, mode=mode, nonlinearity=nl, shift_cap=cap)))
-print(worst)
-"""
+def kernel_errors(device: str) -> float:
+    """The worst relative error of the kernel's variants against the float64 reference on ``device``: both tilings,
+    every activation, both rules, with and without the cap, with and without prefetching, and the fused local-update
+    epilogue (``g = -delta * phi'(z) / B`` and ``|delta_t|``); ``T = 1`` and ``T = 2`` included."""
+    from seqtp._cells import activation_grad_from_output
+    from seqtp.kernels._triton import fused_local_factor, fused_shifts
+
+    worst = 0.0
+    for hidden in (12, 150):
+        for nl in ("tanh", "relu", "identity"):
+            for mode in ("linearized", "difference"):
+                for cap in (None, 0.02):
+                    for prefetch in (False, True):
+                        for seq_len in (1, 2, 6):
+                            s, d, m = recursion_inputs(5, seq_len, hidden, nl, dtype=torch.float32, device=device)
+                            want = reference(s, d, m, mode=mode, nonlinearity=nl, shift_cap=cap)
+                            opts = dict(mode=mode, nonlinearity=nl, eps=1e-3, shift_cap=cap, prefetch=prefetch,
+                                        precision="tf32x3")
+                            worst = max(worst, rel_err(fused_shifts(s, d, m, **opts), want))
+                            if hidden <= 128:
+                                g, norms = fused_local_factor(s, d, m, grad_scale=-0.2, **opts)
+                                g_want = -0.2 * want * activation_grad_from_output(s.double(), nl)
+                                worst = max(worst, rel_err(g, g_want), rel_err(norms, want.norm(dim=-1)))
+    return worst
+
+
+FAST_PATHS = {  # name -> AnalyticInverse options
+    "triton": {"backend": "triton"},
+    "triton_fused": {"backend": "triton", "fuse_local_update": True},
+    "cuda_graph": {"backend": "cuda_graph"},
+}
+
+
+def fast_path_errors(device: str, names=("triton", "triton_fused"), modes=("linearized", "difference", "exact")):
+    """The worst relative error, over ``modes`` and with and without a binding cap, of one TP iteration's gradients
+    and shift statistics by each fast path in ``names`` against the torch reference path."""
+    worst = 0.0
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(19, 40, 3, generator=gen).to(device)  # [B, T, D]
+    y = torch.randint(0, 4, (19,), generator=gen).to(device)
+    for mode in modes:
+        for cap in (None, 0.002):
+            results = {}
+            for name in ("torch", *names):
+                torch.manual_seed(0)
+                model = seqtp.RNNModel(3, 48, 4).to(device)
+                method = seqtp.TargetProp(reg=1.0, target_lr=0.1, mode=mode, shift_cap=cap, solver="analytic",
+                                          solver_options={"backend": "torch"} if name == "torch" else FAST_PATHS[name])
+                _, stats = method.backward(model, x, lambda s, m=model: torch.nn.functional.cross_entropy(m.read(s), y))
+                grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+                results[name] = (grads, torch.stack([stats["shift_first"], stats["shift_mid"], stats["shift_last"]]))
+            for name in names:
+                for got, want in zip(results[name], results["torch"], strict=True):
+                    worst = max(worst, rel_err(got, want))
+    return worst
+
+
+def _run_interpreted(expr: str) -> float:
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})\n" \
+           f"import test_kernels\nprint(test_kernels.{expr})"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+interpreter = pytest.mark.skipif(not _interpreter_ok(), reason="needs triton and numpy < 2.3 for TRITON_INTERPRET=1")
+
+
+@interpreter
+def test_triton_kernel_in_interpreter_mode_on_cpu():
+    """The kernel's logic on the CPU (TRITON_INTERPRET=1, numpy arithmetic): all its variants (see
+    :func:`kernel_errors`). The interpreter's products are float32, so the error is float32 rounding."""
+    assert _run_interpreted('kernel_errors("cpu")') < 1e-5
+
+
+@interpreter
+def test_tp_fast_paths_in_interpreter_mode_on_cpu():
+    """A whole TP iteration through the kernel (plain, and with the fused local-update epilogue) on the CPU under
+    the interpreter, for the three rules: the same gradients and shift statistics as the torch path."""
+    assert _run_interpreted('fast_path_errors("cpu")') < 1e-5
+
+
+@gpu
+@needs_cuda
+@needs_triton
+def test_triton_kernel_variants_on_gpu():
+    """The interpreter test's grid, compiled, at ``tf32x3`` (about float32)."""
+    assert kernel_errors("cuda") < 1e-5

@@ -106,6 +106,27 @@ def test_exact_equals_difference_when_psi_inverts(device):
     torch.testing.assert_close(exact, diff, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "identity"])
+@pytest.mark.parametrize("shift_cap", [None, 0.05])
+def test_exact_rule_is_difference_rule_plus_reconstruction_error(device, nonlinearity, shift_cap):
+    """The fused kernel runs the exact rule as the difference rule on ``dhat_{t-1} + e_t``, ``e_t = psi_t(h_t) -
+    h_{t-1}``. The identity holds for any states, not only forward ones: with random states ``e_t`` is far from zero
+    (and tanh hits the clamp of atanh), and the two loops of the reference solver must still agree."""
+    torch.manual_seed(1)
+    model = seqtp.RNNModel(3, 6, 2, nonlinearity=nonlinearity).to(device, F64)
+    x = torch.randn(4, 9, 3, dtype=F64, device=device)
+    states = torch.rand(4, 9, 6, dtype=F64, device=device) * 1.6 - 0.8  # [B, T, H]: not a forward pass
+    direct = 0.05 * torch.randn_like(states)
+    solver = seqtp.AnalyticInverse(reg=0.7, backend="torch").bind(seqtp.make_cell(model), x, states)
+    exact = solver.propagate(direct, mode="exact", shift_cap=shift_cap)
+    shifted = solver.exact_as_difference(direct)
+    recon = (shifted - direct)[:, :-1]  # e_t
+    assert recon.abs().max() > 1e-2  # the identity is exercised, not a zero correction
+    assert torch.equal(shifted[:, -1], direct[:, -1])
+    diff = solver.propagate(shifted, mode="difference", shift_cap=shift_cap)
+    torch.testing.assert_close(diff, exact, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_last_target_and_zero_shift(device, mode):
     model, x, states = make_problem(device)

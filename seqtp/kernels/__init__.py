@@ -8,6 +8,7 @@ against it.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -26,10 +27,17 @@ BACKENDS = ("auto", "torch", "triton", "cuda_graph")
 SINGLE_TILE_MAX = 128  # the kernel keeps M on chip up to this hidden size; above, auto prefers the CUDA graph
 
 
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): kernels then run on CPU tensors (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def choose_backend(backend: str, states: torch.Tensor, mode: str) -> str:
-    """Resolve ``backend`` for a recursion on ``states``: ``auto`` picks ``triton`` for the linearized and difference
-    rules on a CUDA tensor in float32/bfloat16/float16 with ``H <= 128`` when triton imports, else ``cuda_graph``
-    for the linearized rule on CUDA, else ``torch``.
+    """Resolve ``backend`` for a recursion on ``states`` with rule ``mode``.
+
+    ``auto`` picks ``triton`` on a CUDA tensor in float32/bfloat16/float16 with ``H <= 128`` when triton imports (any
+    rule: the exact rule runs as the difference rule), else ``cuda_graph`` for the linearized rule on CUDA, else
+    ``torch``. Under Triton's interpreter (:func:`interpreting`) CPU tensors count as CUDA ones for ``triton``.
 
     Raises:
         ValueError: an unknown backend, or one that cannot run on these inputs (named in the message).
@@ -37,15 +45,14 @@ def choose_backend(backend: str, states: torch.Tensor, mode: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     on_cuda = states.is_cuda
-    kernel_ok = on_cuda and mode in ("linearized", "difference") and states.dtype in (
-        torch.float32, torch.bfloat16, torch.float16)
+    kernel_ok = (on_cuda or interpreting()) and states.dtype in (torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
         if kernel_ok and states.shape[-1] <= SINGLE_TILE_MAX and triton_available():
             return "triton"
         return "cuda_graph" if on_cuda and mode == "linearized" else "torch"
     if backend == "triton" and not (kernel_ok and triton_available()):
-        raise ValueError("backend 'triton' needs triton, a CUDA tensor in float32/bfloat16/float16 and mode "
-                         f"linearized or difference (got device {states.device}, dtype {states.dtype}, mode {mode!r})")
+        raise ValueError("backend 'triton' needs triton and a CUDA tensor in float32/bfloat16/float16 (got device "
+                         f"{states.device}, dtype {states.dtype})")
     if backend == "cuda_graph" and not (on_cuda and mode == "linearized"):
         raise ValueError(f"backend 'cuda_graph' needs a CUDA tensor and mode linearized (got device {states.device}, "
                          f"mode {mode!r})")

@@ -72,12 +72,36 @@ def _cap(delta, h, cap):
 
 
 @triton.jit
+def _phi_grad(h, ACT: tl.constexpr):
+    """phi'(z) in terms of the output h = phi(z): 1 - h^2 (tanh), 1[h > 0] (relu), 1 (identity)."""
+    if ACT == 0:
+        return 1.0 - h * h
+    elif ACT == 1:
+        return tl.where(h > 0, 1.0, 0.0)
+    else:
+        return h * 0.0 + 1.0
+
+
+@triton.jit
+def _emit(out_ptr, norm_ptr, o_off, n_off, delta, h, mask, rmask, grad_scale, ACT: tl.constexpr,
+          OUT_GRAD: tl.constexpr):
+    """Store step t's result: delta_t, or (OUT_GRAD) the local-update factor grad_scale * delta_t * phi'(z_t) and
+    the row norms |delta_t|."""
+    if OUT_GRAD:
+        tl.store(out_ptr + o_off, delta * _phi_grad(h, ACT) * grad_scale, mask=mask)
+        tl.store(norm_ptr + n_off, tl.sqrt(tl.sum(delta * delta, axis=1)), mask=rmask)
+    else:
+        tl.store(out_ptr + o_off, delta, mask=mask)
+
+
+@triton.jit
 def _recursion_single_tile(
-    states_ptr, direct_ptr, mt_ptr, out_ptr,
+    states_ptr, direct_ptr, mt_ptr, out_ptr, norm_ptr,
     B, T, H,
     stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
-    eps, cap,
+    eps, cap, grad_scale,
     ACT: tl.constexpr, MODE: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
+    OUT_GRAD: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -90,29 +114,42 @@ def _recursion_single_tile(
     s_off = rows[:, None] * stride_sb + cols[None, :]  # [BB, BH]
     d_off = rows[:, None] * stride_db + cols[None, :]
     o_off = rows[:, None] * stride_ob + cols[None, :]
+    n_off = rows * T  # [BB]: row offsets into the [B, T] norms
     t = T - 1
     h = tl.load(states_ptr + s_off + t * stride_st, mask=mask, other=0.0).to(tl.float32)  # [BB, BH]
     delta = tl.load(direct_ptr + d_off + t * stride_dt, mask=mask, other=0.0).to(tl.float32)
     if HAS_CAP:
         delta = _cap(delta, h, cap)
-    tl.store(out_ptr + o_off + t * stride_ot, delta, mask=mask)
+    _emit(out_ptr, norm_ptr, o_off + t * stride_ot, n_off + t, delta, h, mask, rmask, grad_scale, ACT, OUT_GRAD)
+    if PREFETCH:  # the loads of step t - 1 are issued one step ahead, off the recursion's dependency chain
+        pmask = mask & (T >= 2)
+        h_next = tl.load(states_ptr + s_off + tl.maximum(T - 2, 0) * stride_st, mask=pmask, other=0.0)
+        d_next = tl.load(direct_ptr + d_off + tl.maximum(T - 2, 0) * stride_dt, mask=pmask, other=0.0)
     for i in range(1, T):
         t = T - i  # delta_t is known; compute delta_{t-1}
         u = _back(delta, h, ACT, MODE, eps)  # [BB, BH]
-        h = tl.load(states_ptr + s_off + (t - 1) * stride_st, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(direct_ptr + d_off + (t - 1) * stride_dt, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            h = h_next.to(tl.float32)
+            d = d_next.to(tl.float32)
+            pmask = mask & (t >= 2)
+            h_next = tl.load(states_ptr + s_off + tl.maximum(t - 2, 0) * stride_st, mask=pmask, other=0.0)
+            d_next = tl.load(direct_ptr + d_off + tl.maximum(t - 2, 0) * stride_dt, mask=pmask, other=0.0)
+        else:
+            h = tl.load(states_ptr + s_off + (t - 1) * stride_st, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(direct_ptr + d_off + (t - 1) * stride_dt, mask=mask, other=0.0).to(tl.float32)
         delta = tl.dot(u, mt, input_precision=PREC) + d  # [BB, BH]
         if HAS_CAP:
             delta = _cap(delta, h, cap)
-        tl.store(out_ptr + o_off + (t - 1) * stride_ot, delta, mask=mask)
+        _emit(out_ptr, norm_ptr, o_off + (t - 1) * stride_ot, n_off + t - 1, delta, h, mask, rmask, grad_scale, ACT,
+              OUT_GRAD)
 
 
 @triton.jit
 def _recursion_tiled(
-    states_ptr, direct_ptr, mt_ptr, out_ptr,
+    states_ptr, direct_ptr, mt_ptr, out_ptr, norm_ptr,
     B, T, H,
     stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
-    eps, cap,
+    eps, cap, grad_scale,
     ACT: tl.constexpr, MODE: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -184,6 +221,30 @@ def _recursion_tiled(
 MODES = {"linearized": 0, "difference": 1}
 
 
+def _launch(states, direct, m, out, norms, *, mode, nonlinearity, eps, shift_cap, grad_scale, block_b, num_warps,
+            precision, prefetch):
+    """Run the kernel for ``out`` (``delta``, or the local-update factor when ``norms`` is given)."""
+    if mode not in MODES:
+        raise ValueError(f"the kernel runs the linearized and difference rules, got {mode!r}")
+    batch, seq_len, hidden = states.shape
+    mt = m.T.contiguous().float()  # [H, H]: row k holds M[:, k]
+    out_grad = norms is not None
+    grid = (triton.cdiv(batch, block_b),)
+    common = dict(ACT=ACTS[nonlinearity], MODE=MODES[mode], HAS_CAP=shift_cap is not None, PREC=precision or "tf32",
+                  BLOCK_B=block_b)
+    args = (states, direct, mt, out, out if norms is None else norms, batch, seq_len, hidden, states.stride(0),
+            states.stride(1), direct.stride(0), direct.stride(1), out.stride(0), out.stride(1), float(eps),
+            float(shift_cap or 0.0), float(grad_scale))
+    if hidden <= SINGLE_TILE_MAX:
+        block_h = max(16, triton.next_power_of_2(hidden))
+        _recursion_single_tile[grid](*args, OUT_GRAD=out_grad, PREFETCH=prefetch, BLOCK_H=block_h,
+                                     num_warps=num_warps, **common)
+    elif out_grad:
+        raise ValueError(f"the fused local-update epilogue needs hidden <= {SINGLE_TILE_MAX}, got {hidden}")
+    else:
+        _recursion_tiled[grid](*args, BLOCK_N=64, BLOCK_K=64, num_warps=num_warps, **common)
+
+
 def fused_shifts(
     states: torch.Tensor,
     direct: torch.Tensor,
@@ -196,18 +257,19 @@ def fused_shifts(
     block_b: int = 16,
     num_warps: int = 4,
     precision: str | None = None,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """The shifts ``delta`` ``[B, T, H]`` of the linearized or difference rule by the fused kernel.
 
     ``linearized``: ``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)``; ``difference``: ``delta_{t-1} = dhat_{t-1} +
-    M (a(h_t + delta_t) - a(h_t))`` (``= psi_t(v_t) - psi_t(h_t)``, the drive ``U x_t + b`` cancels).
+    M (a(h_t + delta_t) - a(h_t))`` (``= psi_t(v_t) - psi_t(h_t)``, the drive ``U x_t + b`` cancels). The exact rule
+    is the difference rule on modified direct shifts (:meth:`seqtp.AnalyticInverse.exact_as_difference`).
 
     Args:
         states: ``h_1 .. h_T`` ``[B, T, H]`` (CUDA; float32, bfloat16 or float16).
         direct: ``dhat`` ``[B, T, H]``.
         m: ``M = (W^T W + r I)^{-1} W^T`` ``[H, H]`` (used in float32).
-        mode: ``linearized`` or ``difference`` (``exact`` needs ``U x_t + b`` and a second product with ``N`` per
-            step; it runs in torch, see the README).
+        mode: ``linearized`` or ``difference``.
         nonlinearity: ``tanh``, ``relu`` or ``identity``; eps: clamp margin of ``a`` for tanh.
         shift_cap: the per-step cap ratio, or ``None``.
         block_b: batch rows per program (>= 16, a power of two).
@@ -215,23 +277,54 @@ def fused_shifts(
         precision: ``tl.dot``'s ``input_precision``: ``"tf32"`` (default; relative error ~7e-4 on delta, the
             precision cuDNN's default TF32 RNN kernels also run at), ``"tf32x3"`` (~3e-7, about 1.6x slower: 2.0 ms
             vs 1.3 ms at B=512, T=784, H=128 on an H100) or ``"ieee"`` (float32 FMA, ~20x slower).
+        prefetch: ``H <= 128`` only: issue the loads of ``h_{t-1}`` and ``dhat_{t-1}`` one step ahead, so that their
+            latency is off the recursion's dependency chain. Off by default: not yet timed on a GPU.
 
     Returns:
         ``delta`` ``[B, T, H]`` in the dtype of ``states`` (computed in float32).
     """
     batch, seq_len, hidden = states.shape
-    states = states.contiguous()
-    direct = direct.contiguous()
-    mt = m.T.contiguous().float()  # [H, H]: row k holds M[:, k]
+    states, direct = states.contiguous(), direct.contiguous()
     out = torch.empty(batch, seq_len, hidden, device=states.device, dtype=torch.float32)  # [B, T, H]
-    prec = precision or "tf32"
-    grid = (triton.cdiv(batch, block_b),)
-    common = dict(ACT=ACTS[nonlinearity], MODE=MODES[mode], HAS_CAP=shift_cap is not None, PREC=prec, BLOCK_B=block_b)
-    args = (states, direct, mt, out, batch, seq_len, hidden, states.stride(0), states.stride(1), direct.stride(0),
-            direct.stride(1), out.stride(0), out.stride(1), float(eps), float(shift_cap or 0.0))
-    if hidden <= SINGLE_TILE_MAX:
-        block_h = max(16, triton.next_power_of_2(hidden))
-        _recursion_single_tile[grid](*args, BLOCK_H=block_h, num_warps=num_warps, **common)
-    else:
-        _recursion_tiled[grid](*args, BLOCK_N=64, BLOCK_K=64, num_warps=num_warps, **common)
+    _launch(states, direct, m, out, None, mode=mode, nonlinearity=nonlinearity, eps=eps, shift_cap=shift_cap,
+            grad_scale=0.0, block_b=block_b, num_warps=num_warps, precision=precision, prefetch=prefetch)
     return out if states.dtype == torch.float32 else out.to(states.dtype)
+
+
+def fused_local_factor(
+    states: torch.Tensor,
+    direct: torch.Tensor,
+    m: torch.Tensor,
+    *,
+    mode: str = "linearized",
+    nonlinearity: str,
+    eps: float,
+    shift_cap: float | None = None,
+    grad_scale: float,
+    block_b: int = 16,
+    num_warps: int = 4,
+    precision: str | None = None,
+    prefetch: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recursion of :func:`fused_shifts` with the local update's first pass fused into its epilogue: instead of
+    ``delta`` the kernel writes ``g_t = grad_scale * delta_t * phi'(z_t)`` (``phi'(z_t)`` from ``h_t``: ``1 - h_t^2``
+    for tanh) and the row norms ``|delta_t|``; ``delta`` itself is never stored. With ``grad_scale = -1/B``, ``g`` is
+    ``dL_loc/dz`` of :func:`seqtp._methods.local_update_grads`. ``H <= 128`` only.
+
+    Args:
+        states, direct, m, mode, nonlinearity, eps, shift_cap, block_b, num_warps, precision, prefetch: as in
+            :func:`fused_shifts`. grad_scale: the factor of ``g``.
+
+    Returns:
+        ``(g [B, T, H] float32, norms [B, T] float32)``.
+
+    Raises:
+        ValueError: ``H > 128``.
+    """
+    batch, seq_len, hidden = states.shape
+    states, direct = states.contiguous(), direct.contiguous()
+    out = torch.empty(batch, seq_len, hidden, device=states.device, dtype=torch.float32)  # [B, T, H]
+    norms = torch.empty(batch, seq_len, device=states.device, dtype=torch.float32)  # [B, T]
+    _launch(states, direct, m, out, norms, mode=mode, nonlinearity=nonlinearity, eps=eps, shift_cap=shift_cap,
+            grad_scale=grad_scale, block_b=block_b, num_warps=num_warps, precision=precision, prefetch=prefetch)
+    return out, norms
