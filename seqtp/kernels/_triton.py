@@ -9,6 +9,17 @@ runs the whole time loop for them; nothing else is sequential.
 - larger ``H`` (tiled): ``M^T`` does not fit on chip; it is streamed from L2 in ``[BK, BN]`` tiles every step, and
   ``delta_t`` is re-read from the float32 output written the step before (a CTA barrier orders the two).
 
+Options (``H <= 128``; both off by default because neither has been timed on a GPU yet):
+
+- ``prefetch``: the loads of ``h_{t-1}`` and ``dhat_{t-1}`` are issued one step ahead, off the dependency chain
+  ``delta_t -> delta_{t-1}``.
+- the local-update epilogue (:func:`fused_local_factor`): the kernel writes ``g_t = -delta_t * phi'(z_t) / B`` and
+  ``|delta_t|`` instead of ``delta_t``, so the update's elementwise pass over ``[B, T, H]`` and the shift statistics
+  cost no extra reads.
+
+The exact rule runs here as the difference rule on corrected direct shifts (see
+:meth:`seqtp.AnalyticInverse.exact_as_difference`).
+
 Inputs may be float32, bfloat16 or float16; loads are converted to float32 and the products accumulate in float32.
 The matrix products use ``tl.dot`` with ``input_precision="tf32"`` by default (``"tf32x3"`` for about float32
 accuracy). Measured on an H100 (torch 2.11, Triton 3.6, B=512, T=784, H=128, kernel alone): tf32 1.30 ms with 4
