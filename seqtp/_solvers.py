@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ._cells import Cell, inverse_activation_grad
+from ._cells import Cell, inverse_activation, inverse_activation_grad
 from ._inverse import ElmanInverse
 from .kernels import BACKENDS, SINGLE_TILE_MAX, choose_backend
 
@@ -148,11 +148,10 @@ class AnalyticInverse(InverseSolver):
 
     Args:
         reg: ``r > 0``. eps: clamp margin of ``atanh`` for tanh cells.
-        backend: how :meth:`propagate` runs the recursion: ``"torch"`` (the reference loop), ``"triton"`` (the fused
-            kernel of :mod:`seqtp.kernels`, CUDA; the exact rule runs as the difference rule through
-            :meth:`exact_as_difference`), ``"cuda_graph"`` (the reference
-            loop of the linearized rule captured once per shape and replayed), or ``"auto"`` (default: triton where
-            it applies, else a CUDA graph on CUDA, else torch).
+        backend: how :meth:`propagate` runs the recursion: ``"torch"`` (the reference loops), ``"triton"`` (the
+            fused kernel of :mod:`seqtp.kernels`, CUDA), ``"cuda_graph"`` (the torch loop captured once per shape and
+            replayed, CUDA), or ``"auto"`` (default: triton where it applies, else a CUDA graph on CUDA, else torch).
+            The two fast paths run the exact rule as the difference rule (:meth:`exact_as_difference`).
         fuse_local_update: where the kernel runs with ``H <= 128``, let :meth:`propagate_local_factor` write the
             local update's ``dL/dz`` from the kernel's epilogue instead of the shifts (used by
             :class:`seqtp.TargetProp` with ``update="local"``). Off by default: not yet timed on a GPU.
@@ -221,7 +220,7 @@ class AnalyticInverse(InverseSolver):
         :func:`seqtp.local_update_grads`) and ``norms`` the row norms ``|delta_t|``, or ``None`` where the fused
         epilogue does not apply (option off, backend not ``triton``, ``H > 128``); then call :meth:`propagate`."""
         self._check_propagate(direct, mode)
-        backend = choose_backend(self.backend, self.states, mode)
+        backend = choose_backend(self.backend, self.states)
         if not (self.fuse_local_update and backend == "triton" and self.states.shape[-1] <= SINGLE_TILE_MAX):
             return None
         from .kernels._triton import fused_local_factor
@@ -233,25 +232,26 @@ class AnalyticInverse(InverseSolver):
                                   grad_scale=-1.0 / self.states.shape[0])
 
     def propagate(self, direct, *, mode="linearized", shift_cap=None):
+        """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`linearized_shifts`,
+        :func:`difference_shifts` or (exact) the generic loop of :meth:`invert`; ``triton`` and ``cuda_graph`` run the
+        exact rule as the difference rule (:meth:`exact_as_difference`)."""
         self._check_propagate(direct, mode)
-        backend = choose_backend(self.backend, self.states, mode)
-        nl = self.inverse.params.nonlinearity
+        backend = choose_backend(self.backend, self.states)
+        if backend == "torch" and mode == "exact":
+            return super().propagate(direct, mode=mode, shift_cap=shift_cap)  # the reference
+        if mode == "exact":
+            direct, mode = self.exact_as_difference(direct), "difference"
+        opts = dict(nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap)
         if backend == "triton":
             from .kernels._triton import fused_shifts
 
-            if mode == "exact":
-                direct, mode = self.exact_as_difference(direct), "difference"
-            return fused_shifts(self.states, direct, self.inverse.M, mode=mode, nonlinearity=nl, eps=self.eps,
-                                shift_cap=shift_cap)
-        if backend == "cuda_graph" and mode == "linearized":
+            return fused_shifts(self.states, direct, self.inverse.M, mode=mode, **opts)
+        fn = linearized_shifts if mode == "linearized" else difference_shifts
+        if backend == "cuda_graph":
             from .kernels._graphs import graphed
 
-            return graphed(linearized_shifts, self.states, direct, self.inverse.M, nonlinearity=nl, eps=self.eps,
-                           shift_cap=shift_cap)
-        if mode == "linearized":
-            return linearized_shifts(self.states, direct, self.inverse.M, nonlinearity=nl, eps=self.eps,
-                                     shift_cap=shift_cap)
-        return super().propagate(direct, mode=mode, shift_cap=shift_cap)
+            return graphed(fn, self.states, direct, self.inverse.M, **opts)
+        return fn(self.states, direct, self.inverse.M, **opts)
 
 
 def linearized_shifts(
@@ -282,5 +282,38 @@ def linearized_shifts(
     for t in range(states.shape[1] - 1, 0, -1):
         delta = torch.addmm(direct[:, t - 1], a_grad[:, t] * delta, m_t)  # [B, H]
         delta = cap_shift(delta, states[:, t - 1], shift_cap)
+        deltas[:, t - 1] = delta
+    return deltas
+
+
+def difference_shifts(
+    states: torch.Tensor,
+    direct: torch.Tensor,
+    m: torch.Tensor,
+    *,
+    nonlinearity: str,
+    eps: float,
+    shift_cap: float | None = None,
+) -> torch.Tensor:
+    """The difference recursion ``delta_{t-1} = dhat_{t-1} + M (a(h_t + delta_t) - a(h_t))`` (``= psi_t(v_t) -
+    psi_t(h_t)``: the drive cancels), ``delta_T = dhat_T``: ``a(h)`` for all steps at once, then per step one
+    ``a`` and one ``addmm`` (pure torch, capturable in a CUDA graph; tested against the generic loop of
+    :meth:`InverseSolver.propagate`).
+
+    Args:
+        states: ``h_1 .. h_T`` ``[B, T, H]``; direct: ``dhat`` ``[B, T, H]``; m: ``M`` ``[H, H]``.
+        nonlinearity, eps: of ``a``; shift_cap: per-step cap ratio or ``None``.
+
+    Returns:
+        ``delta`` ``[B, T, H]``.
+    """
+    a_h = inverse_activation(states, nonlinearity, eps=eps)  # [B, T, H]
+    m_t = m.T
+    deltas = torch.empty_like(states)  # [B, T, H]
+    delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, H]
+    deltas[:, -1] = delta
+    for t in range(states.shape[1] - 1, 0, -1):
+        back = inverse_activation(states[:, t] + delta, nonlinearity, eps=eps).sub_(a_h[:, t])  # [B, H]
+        delta = cap_shift(torch.addmm(direct[:, t - 1], back, m_t), states[:, t - 1], shift_cap)  # [B, H]
         deltas[:, t - 1] = delta
     return deltas

@@ -32,12 +32,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def choose_backend(backend: str, states: torch.Tensor, mode: str) -> str:
-    """Resolve ``backend`` for a recursion on ``states`` with rule ``mode``.
+def choose_backend(backend: str, states: torch.Tensor) -> str:
+    """Resolve ``backend`` for a recursion (any rule) on ``states``.
 
-    ``auto`` picks ``triton`` on a CUDA tensor in float32/bfloat16/float16 with ``H <= 128`` when triton imports (any
-    rule: the exact rule runs as the difference rule), else ``cuda_graph`` for the linearized rule on CUDA, else
-    ``torch``. Under Triton's interpreter (:func:`interpreting`) CPU tensors count as CUDA ones for ``triton``.
+    ``auto`` picks ``triton`` on a CUDA tensor in float32/bfloat16/float16 with ``H <= 128`` when triton imports, else
+    ``cuda_graph`` on CUDA, else ``torch``. Under Triton's interpreter (:func:`interpreting`) CPU tensors count as
+    CUDA ones for ``triton``.
 
     Raises:
         ValueError: an unknown backend, or one that cannot run on these inputs (named in the message).
@@ -49,11 +49,10 @@ def choose_backend(backend: str, states: torch.Tensor, mode: str) -> str:
     if backend == "auto":
         if kernel_ok and states.shape[-1] <= SINGLE_TILE_MAX and triton_available():
             return "triton"
-        return "cuda_graph" if on_cuda and mode == "linearized" else "torch"
+        return "cuda_graph" if on_cuda else "torch"
     if backend == "triton" and not (kernel_ok and triton_available()):
         raise ValueError("backend 'triton' needs triton and a CUDA tensor in float32/bfloat16/float16 (got device "
                          f"{states.device}, dtype {states.dtype})")
-    if backend == "cuda_graph" and not (on_cuda and mode == "linearized"):
-        raise ValueError(f"backend 'cuda_graph' needs a CUDA tensor and mode linearized (got device {states.device}, "
-                         f"mode {mode!r})")
+    if backend == "cuda_graph" and not on_cuda:
+        raise ValueError(f"backend 'cuda_graph' needs a CUDA tensor (got device {states.device})")
     return backend
