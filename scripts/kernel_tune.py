@@ -38,9 +38,13 @@ def kernel_table():
         blocks = (16, 32) if h <= 128 else (16,)
         prefetches = (False, True) if h <= 128 else (False,)
         epilogues = ("shifts", "local") if h <= 128 else ("shifts",)
-        for bb, nw, prec, pf, epi in itertools.product(blocks, (4, 8), ("tf32", "tf32x3"), prefetches, epilogues):
+        slabs = (32,) if h <= 128 else (16, 32, 64)  # block_k: rows of M^T per slab of the streamed kernel
+        for bb, nw, prec, pf, epi, bk in itertools.product(blocks, (4, 8), ("tf32", "tf32x3"), prefetches, epilogues,
+                                                          slabs):
             try:
                 opts = dict(nonlinearity="tanh", eps=1e-3, block_b=bb, num_warps=nw, precision=prec, prefetch=pf)
+                if h > 128:
+                    opts["block_k"] = bk
                 if epi == "shifts":
                     fn = lambda: fused_shifts(s, d, m, **opts)
                     out = fn()
@@ -51,8 +55,8 @@ def kernel_table():
                     want = ref * (1 - s.double() ** 2)
                 err = ((out.double() - want).norm() / want.norm()).item()
                 ms = triton.testing.do_bench(fn, return_mode="median")
-                print(f"  ({b},{t},{h}) bb={bb:<3} nw={nw} {prec:7s} prefetch={pf!s:5} {epi:6s} {ms:8.3f} ms  "
-                      f"err={err:.2e}", flush=True)
+                print(f"  ({b},{t},{h}) bb={bb:<3} nw={nw} {prec:7s} prefetch={pf!s:5} {epi:6s} bk={bk:<3} "
+                      f"{ms:8.3f} ms  err={err:.2e}", flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"  ({b},{t},{h}) bb={bb} nw={nw} {prec} prefetch={pf} {epi}: failed {type(e).__name__}: "
                       f"{str(e)[:80]}")

@@ -149,8 +149,9 @@ class TargetProp(Method):
        solver with a ``fit`` method (the learned inverse) gets one training step per batch first (TPTT order).
     4. RNN gradient by ``update``: ``"local"``, the batch mean of ``sum_t 1/2 |f(s_{t-1}, x_t) - v_t|^2`` with
        ``s_{t-1}``, ``v_t`` constant (Elman: the closed form :func:`local_update_grads`; other cells: one batched
-       autograd call), or ``"through_time"``, the batch mean of ``sum_t 1/2 |s_t(theta) - v_t|^2`` back-propagated
-       through the unrolled graph (the paper's public code).
+       autograd call; with ``AnalyticInverse(fuse_local_update=True)`` on the Triton kernel, ``dL/dz`` comes from
+       the kernel's epilogue and the shifts are never stored), or ``"through_time"``, the batch mean of
+       ``sum_t 1/2 |s_t(theta) - v_t|^2`` back-propagated through the unrolled graph (the paper's public code).
 
     Both losses are batch means, so the learning rate and ``target_lr`` are independent of the batch size (the
     reference code mixes a batch mean with a batch sum).

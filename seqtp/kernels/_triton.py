@@ -6,8 +6,9 @@ runs the whole time loop for them; nothing else is sequential.
 
 - ``H <= 128`` (one tile): ``M^T`` is loaded once into registers and ``delta`` stays in registers across steps; per
   step the program reads ``h_{t-1}`` and ``dhat_{t-1}`` and writes ``delta_{t-1}`` (float32).
-- larger ``H`` (tiled): ``M^T`` does not fit on chip; it is streamed from L2 in ``[BK, BN]`` tiles every step, and
-  ``delta_t`` is re-read from the float32 output written the step before (a CTA barrier orders the two).
+- larger ``H`` (streamed): ``M^T`` does not fit on chip; the whole row of ``delta_{t-1}`` accumulates in registers
+  while ``M^T`` streams from L2 in ``[BK, H]`` slabs along the reduction, and ``delta_t`` is re-read slab by slab
+  from the float32 output written the step before (a CTA barrier orders the two). Each step reads ``M`` once.
 
 Options (``H <= 128``; both off by default because neither has been timed on a GPU yet):
 
@@ -24,9 +25,10 @@ Inputs may be float32, bfloat16 or float16; loads are converted to float32 and t
 The matrix products use ``tl.dot`` with ``input_precision="tf32"`` by default (``"tf32x3"`` for about float32
 accuracy). Measured on an H100 (torch 2.11, Triton 3.6, B=512, T=784, H=128, kernel alone): tf32 1.30 ms with 4
 warps and 16 rows per program (the default), tf32x3 2.02 ms with 8 warps, ieee 23 ms; 32 or 64 rows per program
-were slower (fewer programs than SMs at this batch). The tiled path (H > 128) streams M from L2 every step and is
-slow (67 ms at B=256, T=784, H=512, vs about 14 ms for the CUDA-graph replay of the torch loop), so ``auto``
-prefers the CUDA graph there.
+were slower (fewer programs than SMs at this batch). The earlier tiled kernel for H > 128 (``[BK, BN]`` tiles, ``u``
+recomputed for every output tile, the cap in a second pass) took 67 ms at B=256, T=784, H=512, vs about 14 ms for
+the CUDA-graph replay of the torch loop, so ``auto`` prefers the CUDA graph there; the streamed kernel that replaced
+it has not been timed on a GPU yet.
 """
 
 from __future__ import annotations
@@ -156,84 +158,58 @@ def _recursion_single_tile(
 
 
 @triton.jit
-def _recursion_tiled(
+def _recursion_streamed(
     states_ptr, direct_ptr, mt_ptr, out_ptr, norm_ptr,
     B, T, H,
     stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
     eps, cap, grad_scale,
     ACT: tl.constexpr, MODE: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """H > 128: the whole row of ``delta_{t-1}`` accumulates in registers ([BB, BH]) while ``M^T`` streams from L2 in
+    [BK, BH] slabs along the reduction; ``delta_t`` is re-read slab by slab from the float32 output written the step
+    before (a CTA barrier orders the two), so each step reads ``M`` once and ``delta_t`` once."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
-    rmask = rows < B
-    ns = tl.arange(0, BLOCK_N)  # [BN]
+    cols = tl.arange(0, BLOCK_H)  # [BH]
     ks = tl.arange(0, BLOCK_K)  # [BK]
+    rmask = rows < B
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]  # [BB, BH]
+    s_off = rows[:, None] * stride_sb + cols[None, :]  # [BB, BH]
+    d_off = rows[:, None] * stride_db + cols[None, :]
+    o_off = rows[:, None] * stride_ob + cols[None, :]
     t = T - 1
-    # delta_T = dhat_T (capped): copy into the float32 output, chunk by chunk
+    delta = tl.load(direct_ptr + d_off + t * stride_dt, mask=mask, other=0.0).to(tl.float32)  # [BB, BH]
     if HAS_CAP:
-        dsq = tl.zeros([BLOCK_B], dtype=tl.float32)
-        hsq = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for n0 in range(0, H, BLOCK_N):
-            m = rmask[:, None] & (n0 + ns < H)[None, :]
-            d = tl.load(direct_ptr + rows[:, None] * stride_db + t * stride_dt + n0 + ns[None, :], mask=m, other=0.0)
-            h = tl.load(states_ptr + rows[:, None] * stride_sb + t * stride_st + n0 + ns[None, :], mask=m, other=0.0)
-            dsq += tl.sum(d.to(tl.float32) * d.to(tl.float32), axis=1)
-            hsq += tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=1)
-        dn = tl.sqrt(dsq)
-        lim = cap * tl.sqrt(hsq)
-        scale = tl.where(dn > lim, lim / tl.maximum(dn, 1e-30), 1.0)
-    for n0 in range(0, H, BLOCK_N):
-        m = rmask[:, None] & (n0 + ns < H)[None, :]
-        d = tl.load(direct_ptr + rows[:, None] * stride_db + t * stride_dt + n0 + ns[None, :], mask=m,
-                    other=0.0).to(tl.float32)
-        if HAS_CAP:
-            d = d * scale[:, None]
-        tl.store(out_ptr + rows[:, None] * stride_ob + t * stride_ot + n0 + ns[None, :], d, mask=m)
+        delta = _cap(delta, tl.load(states_ptr + s_off + t * stride_st, mask=mask, other=0.0).to(tl.float32), cap)
+    tl.store(out_ptr + o_off + t * stride_ot, delta, mask=mask)
     tl.debug_barrier()
     for i in range(1, T):
         t = T - i  # delta_t is in out[:, t]; compute delta_{t-1} into out[:, t-1]
+        acc = tl.load(direct_ptr + d_off + (t - 1) * stride_dt, mask=mask, other=0.0).to(tl.float32)  # [BB, BH]
+        for k0 in range(0, H, BLOCK_K):
+            kmask = (k0 + ks) < H  # [BK]
+            mk = rmask[:, None] & kmask[None, :]  # [BB, BK]
+            d = tl.load(out_ptr + rows[:, None] * stride_ob + t * stride_ot + k0 + ks[None, :], mask=mk, other=0.0)
+            h = tl.load(states_ptr + rows[:, None] * stride_sb + t * stride_st + k0 + ks[None, :], mask=mk,
+                        other=0.0).to(tl.float32)
+            u = _back(d, h, ACT, MODE, eps)  # [BB, BK]: zero where masked
+            mt = tl.load(mt_ptr + (k0 + ks)[:, None] * H + cols[None, :], mask=kmask[:, None] & cmask[None, :],
+                         other=0.0)  # [BK, BH]
+            acc += tl.dot(u, mt, input_precision=PREC)
         if HAS_CAP:
-            dsq = tl.zeros([BLOCK_B], dtype=tl.float32)
-            hsq = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for n0 in range(0, H, BLOCK_N):
-            nmask = (n0 + ns) < H
-            m = rmask[:, None] & nmask[None, :]
-            acc = tl.load(direct_ptr + rows[:, None] * stride_db + (t - 1) * stride_dt + n0 + ns[None, :], mask=m,
-                          other=0.0).to(tl.float32)  # [BB, BN]
-            for k0 in range(0, H, BLOCK_K):
-                kmask = (k0 + ks) < H
-                mk = rmask[:, None] & kmask[None, :]
-                d = tl.load(out_ptr + rows[:, None] * stride_ob + t * stride_ot + k0 + ks[None, :], mask=mk, other=0.0)
-                h = tl.load(states_ptr + rows[:, None] * stride_sb + t * stride_st + k0 + ks[None, :], mask=mk,
-                            other=0.0).to(tl.float32)
-                u = _back(d, h, ACT, MODE, eps)  # [BB, BK]
-                mt = tl.load(mt_ptr + (k0 + ks)[:, None] * H + (n0 + ns)[None, :],
-                             mask=kmask[:, None] & nmask[None, :], other=0.0)  # [BK, BN]
-                acc += tl.dot(u, mt, input_precision=PREC)
-            tl.store(out_ptr + rows[:, None] * stride_ob + (t - 1) * stride_ot + n0 + ns[None, :], acc, mask=m)
-            if HAS_CAP:
-                hp = tl.load(states_ptr + rows[:, None] * stride_sb + (t - 1) * stride_st + n0 + ns[None, :], mask=m,
-                             other=0.0).to(tl.float32)
-                dsq += tl.sum(acc * acc, axis=1)
-                hsq += tl.sum(hp * hp, axis=1)
+            acc = _cap(acc, tl.load(states_ptr + s_off + (t - 1) * stride_st, mask=mask, other=0.0).to(tl.float32),
+                       cap)
+        tl.store(out_ptr + o_off + (t - 1) * stride_ot, acc, mask=mask)
         tl.debug_barrier()
-        if HAS_CAP:
-            dn = tl.sqrt(dsq)
-            lim = cap * tl.sqrt(hsq)
-            scale = tl.where(dn > lim, lim / tl.maximum(dn, 1e-30), 1.0)
-            for n0 in range(0, H, BLOCK_N):
-                m = rmask[:, None] & (n0 + ns < H)[None, :]
-                ptr = out_ptr + rows[:, None] * stride_ob + (t - 1) * stride_ot + n0 + ns[None, :]
-                tl.store(ptr, tl.load(ptr, mask=m, other=0.0) * scale[:, None], mask=m)
-            tl.debug_barrier()
 
 
 MODES = {"linearized": 0, "difference": 1}
 
 
 def _launch(states, direct, m, out, norms, *, mode, nonlinearity, eps, shift_cap, grad_scale, block_b, num_warps,
-            precision, prefetch):
+            precision, prefetch, block_k=32):
     """Run the kernel for ``out`` (``delta``, or the local-update factor when ``norms`` is given)."""
     if mode not in MODES:
         raise ValueError(f"the kernel runs the linearized and difference rules, got {mode!r}")
@@ -246,14 +222,14 @@ def _launch(states, direct, m, out, norms, *, mode, nonlinearity, eps, shift_cap
     args = (states, direct, mt, out, out if norms is None else norms, batch, seq_len, hidden, states.stride(0),
             states.stride(1), direct.stride(0), direct.stride(1), out.stride(0), out.stride(1), float(eps),
             float(shift_cap or 0.0), float(grad_scale))
+    block_h = max(16, triton.next_power_of_2(hidden))
     if hidden <= SINGLE_TILE_MAX:
-        block_h = max(16, triton.next_power_of_2(hidden))
         _recursion_single_tile[grid](*args, OUT_GRAD=out_grad, PREFETCH=prefetch, BLOCK_H=block_h,
-                                     num_warps=num_warps, **common)
+                                     num_warps=num_warps or 4, **common)
     elif out_grad:
         raise ValueError(f"the fused local-update epilogue needs hidden <= {SINGLE_TILE_MAX}, got {hidden}")
     else:
-        _recursion_tiled[grid](*args, BLOCK_N=64, BLOCK_K=64, num_warps=num_warps, **common)
+        _recursion_streamed[grid](*args, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=num_warps or 8, **common)
 
 
 def fused_shifts(
@@ -266,9 +242,10 @@ def fused_shifts(
     eps: float,
     shift_cap: float | None = None,
     block_b: int = 16,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     precision: str | None = None,
     prefetch: bool = False,
+    block_k: int = 32,
 ) -> torch.Tensor:
     """The shifts ``delta`` ``[B, T, H]`` of the linearized or difference rule by the fused kernel.
 
@@ -284,12 +261,13 @@ def fused_shifts(
         nonlinearity: ``tanh``, ``relu`` or ``identity``; eps: clamp margin of ``a`` for tanh.
         shift_cap: the per-step cap ratio, or ``None``.
         block_b: batch rows per program (>= 16, a power of two).
-        num_warps: warps per program.
+        num_warps: warps per program (default 4 for ``H <= 128``, 8 above).
         precision: ``tl.dot``'s ``input_precision``: ``"tf32"`` (default; relative error ~7e-4 on delta, the
             precision cuDNN's default TF32 RNN kernels also run at), ``"tf32x3"`` (~3e-7, about 1.6x slower: 2.0 ms
             vs 1.3 ms at B=512, T=784, H=128 on an H100) or ``"ieee"`` (float32 FMA, ~20x slower).
         prefetch: ``H <= 128`` only: issue the loads of ``h_{t-1}`` and ``dhat_{t-1}`` one step ahead, so that their
             latency is off the recursion's dependency chain. Off by default: not yet timed on a GPU.
+        block_k: ``H > 128`` only: rows of ``M^T`` streamed per slab (>= 16, a power of two).
 
     Returns:
         ``delta`` ``[B, T, H]`` in the dtype of ``states`` (computed in float32).
@@ -298,7 +276,8 @@ def fused_shifts(
     states, direct = states.contiguous(), direct.contiguous()
     out = torch.empty(batch, seq_len, hidden, device=states.device, dtype=torch.float32)  # [B, T, H]
     _launch(states, direct, m, out, None, mode=mode, nonlinearity=nonlinearity, eps=eps, shift_cap=shift_cap,
-            grad_scale=0.0, block_b=block_b, num_warps=num_warps, precision=precision, prefetch=prefetch)
+            grad_scale=0.0, block_b=block_b, num_warps=num_warps, precision=precision, prefetch=prefetch,
+            block_k=block_k)
     return out if states.dtype == torch.float32 else out.to(states.dtype)
 
 
@@ -313,7 +292,7 @@ def fused_local_factor(
     shift_cap: float | None = None,
     grad_scale: float,
     block_b: int = 16,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     precision: str | None = None,
     prefetch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
