@@ -9,6 +9,7 @@ do not compound, so we allow 3e-3 (tf32) and 1e-5 (tf32x3) relative error on ``d
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -260,3 +261,65 @@ def test_tp_fast_paths_in_interpreter_mode_on_cpu():
 def test_triton_kernel_variants_on_gpu():
     """The interpreter test's grid, compiled, at ``tf32x3`` (about float32)."""
     assert kernel_errors("cuda") < 1e-5
+
+
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use: H100/H200 (sm_90), A100 (sm_80)
+
+
+def compile_for(arch: int, hidden: int, **options) -> dict:
+    """Compile :func:`seqtp.kernels._triton.kernel_config`'s configuration for compute capability ``arch`` without a
+    GPU (Triton's cross-compilation and its bundled ``ptxas``) and read the resources a launch would need."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from seqtp.kernels._triton import kernel_config
+
+    kernel, consts, launch = kernel_config(hidden, **options)
+    def arg_type(name: str) -> str:
+        if name in consts:
+            return "constexpr"
+        return "*fp32" if name.endswith("_ptr") else "fp32" if name in ("eps", "cap", "grad_scale") else "i32"
+
+    signature = {name: arg_type(name) for name in kernel.arg_names}
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
+    ptx = ROOT / ".pytest_cache" / f"kernel_sm{arch}_{hidden}.ptx"
+    ptx.parent.mkdir(exist_ok=True)
+    ptx.write_text(compiled.asm["ptx"])
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
+    info = subprocess.run([str(ptxas), "-v", f"--gpu-name={gpu_name}", str(ptx), "-o", os.devnull],
+                          capture_output=True, text=True, check=True).stderr
+    return {
+        "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
+        "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+        "shared": compiled.metadata.shared,
+    }
+
+
+def _ptxas_available() -> bool:
+    if not triton_available():
+        return False
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ptxas_available(), reason="needs triton with its bundled ptxas")
+@pytest.mark.parametrize("arch", [90, 80])
+def test_kernel_configurations_compile_within_the_hardware(arch):
+    """Without a GPU: every default configuration compiles for sm_90 (H100/H200) and sm_80 (A100) and fits a block's
+    shared memory; on sm_90, the on-chip kernel (H <= 128, the one timed on the H100) and the streamed one up to
+    H = 512 without a cap do not spill registers (on sm_80 the difference rule with the cap spills a few bytes)."""
+    cases = [(128, dict(mode=mode, nonlinearity="tanh", shift_cap=0.5, out_grad=out_grad, prefetch=prefetch))
+             for mode in ("linearized", "difference") for out_grad in (False, True) for prefetch in (False, True)]
+    cases += [(hidden, dict(mode="linearized", nonlinearity="tanh", shift_cap=cap))
+              for hidden in (512, 2048) for cap in (None, 0.5)]
+    for hidden, options in cases:
+        got = compile_for(arch, hidden, **options)
+        assert got["shared"] <= SHARED_LIMIT[arch], (hidden, options, got)
+        if arch == 90 and (hidden <= 128 or (hidden <= 512 and options["shift_cap"] is None)):
+            assert got["spill_bytes"] == 0, (hidden, options, got)

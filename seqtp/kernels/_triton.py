@@ -208,28 +208,66 @@ def _recursion_streamed(
 MODES = {"linearized": 0, "difference": 1}
 
 
-def _launch(states, direct, m, out, norms, *, mode, nonlinearity, eps, shift_cap, grad_scale, block_b, num_warps,
-            precision, prefetch, block_k=32):
-    """Run the kernel for ``out`` (``delta``, or the local-update factor when ``norms`` is given)."""
+STREAMED_MAX = 2048  # the streamed kernel's [BK, H] float32 slab of M^T: 16 x 2048 x 4 B = 128 KiB of shared memory
+
+
+def kernel_config(
+    hidden: int,
+    *,
+    mode: str,
+    nonlinearity: str,
+    shift_cap: float | None,
+    out_grad: bool = False,
+    block_b: int = 16,
+    num_warps: int | None = None,
+    precision: str | None = None,
+    prefetch: bool = False,
+    block_k: int | None = None,
+) -> tuple:
+    """The kernel, its compile-time constants and its launch options for hidden size ``hidden``: the one place where
+    they are chosen (the launch uses it, and ``tests/test_kernels.py`` compiles the same configurations for sm_90 and
+    sm_80 to check registers, spills and shared memory without a GPU).
+
+    Defaults: ``H <= 128``: 4 warps, 3 pipeline stages (as timed on the H100). ``H > 128`` (streamed): a single stage
+    and 8 warps up to ``H = 512`` (16 above), slabs of 32 rows of ``M^T`` up to ``H = 1024`` (16 above), chosen so
+    that sm_90 compiles them without spills up to ``H = 512`` and within shared memory up to ``H = 2048``.
+
+    Returns:
+        ``(kernel, constexprs, {"num_warps", "num_stages"})``.
+
+    Raises:
+        ValueError: an unknown rule or activation, the epilogue with ``H > 128``, or ``H > 2048``.
+    """
     if mode not in MODES:
         raise ValueError(f"the kernel runs the linearized and difference rules, got {mode!r}")
+    if nonlinearity not in ACTS:
+        raise ValueError(f"nonlinearity must be one of {', '.join(ACTS)}, got {nonlinearity!r}")
+    block_h = max(16, triton.next_power_of_2(hidden))
+    consts = dict(ACT=ACTS[nonlinearity], MODE=MODES[mode], HAS_CAP=shift_cap is not None, PREC=precision or "tf32",
+                  BLOCK_B=block_b, BLOCK_H=block_h)
+    if hidden <= SINGLE_TILE_MAX:
+        return (_recursion_single_tile, {**consts, "OUT_GRAD": out_grad, "PREFETCH": prefetch},
+                {"num_warps": num_warps or 4, "num_stages": 3})
+    if out_grad:
+        raise ValueError(f"the fused local-update epilogue needs hidden <= {SINGLE_TILE_MAX}, got {hidden}")
+    if hidden > STREAMED_MAX:
+        raise ValueError(f"the kernel takes hidden <= {STREAMED_MAX}, got {hidden}; use backend='cuda_graph'")
+    consts["BLOCK_K"] = block_k or (32 if block_h <= 1024 else 16)
+    return _recursion_streamed, consts, {"num_warps": num_warps or (8 if block_h <= 512 else 16), "num_stages": 1}
+
+
+def _launch(states, direct, m, out, norms, *, mode, nonlinearity, eps, shift_cap, grad_scale, block_b, num_warps,
+            precision, prefetch, block_k=None):
+    """Run the kernel for ``out`` (``delta``, or the local-update factor when ``norms`` is given)."""
     batch, seq_len, hidden = states.shape
+    kernel, consts, options = kernel_config(hidden, mode=mode, nonlinearity=nonlinearity, shift_cap=shift_cap,
+                                            out_grad=norms is not None, block_b=block_b, num_warps=num_warps,
+                                            precision=precision, prefetch=prefetch, block_k=block_k)
     mt = m.T.contiguous().float()  # [H, H]: row k holds M[:, k]
-    out_grad = norms is not None
-    grid = (triton.cdiv(batch, block_b),)
-    common = dict(ACT=ACTS[nonlinearity], MODE=MODES[mode], HAS_CAP=shift_cap is not None, PREC=precision or "tf32",
-                  BLOCK_B=block_b)
     args = (states, direct, mt, out, out if norms is None else norms, batch, seq_len, hidden, states.stride(0),
             states.stride(1), direct.stride(0), direct.stride(1), out.stride(0), out.stride(1), float(eps),
             float(shift_cap or 0.0), float(grad_scale))
-    block_h = max(16, triton.next_power_of_2(hidden))
-    if hidden <= SINGLE_TILE_MAX:
-        _recursion_single_tile[grid](*args, OUT_GRAD=out_grad, PREFETCH=prefetch, BLOCK_H=block_h,
-                                     num_warps=num_warps or 4, **common)
-    elif out_grad:
-        raise ValueError(f"the fused local-update epilogue needs hidden <= {SINGLE_TILE_MAX}, got {hidden}")
-    else:
-        _recursion_streamed[grid](*args, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=num_warps or 8, **common)
+    kernel[(triton.cdiv(batch, block_b),)](*args, **consts, **options)
 
 
 def fused_shifts(
@@ -245,7 +283,7 @@ def fused_shifts(
     num_warps: int | None = None,
     precision: str | None = None,
     prefetch: bool = False,
-    block_k: int = 32,
+    block_k: int | None = None,
 ) -> torch.Tensor:
     """The shifts ``delta`` ``[B, T, H]`` of the linearized or difference rule by the fused kernel.
 
@@ -261,13 +299,14 @@ def fused_shifts(
         nonlinearity: ``tanh``, ``relu`` or ``identity``; eps: clamp margin of ``a`` for tanh.
         shift_cap: the per-step cap ratio, or ``None``.
         block_b: batch rows per program (>= 16, a power of two).
-        num_warps: warps per program (default 4 for ``H <= 128``, 8 above).
+        num_warps: warps per program (default: :func:`kernel_config`).
         precision: ``tl.dot``'s ``input_precision``: ``"tf32"`` (default; relative error ~7e-4 on delta, the
             precision cuDNN's default TF32 RNN kernels also run at), ``"tf32x3"`` (~3e-7, about 1.6x slower: 2.0 ms
             vs 1.3 ms at B=512, T=784, H=128 on an H100) or ``"ieee"`` (float32 FMA, ~20x slower).
         prefetch: ``H <= 128`` only: issue the loads of ``h_{t-1}`` and ``dhat_{t-1}`` one step ahead, so that their
             latency is off the recursion's dependency chain. Off by default: not yet timed on a GPU.
-        block_k: ``H > 128`` only: rows of ``M^T`` streamed per slab (>= 16, a power of two).
+        block_k: ``H > 128`` only: rows of ``M^T`` streamed per slab (>= 16, a power of two; default:
+            :func:`kernel_config`).
 
     Returns:
         ``delta`` ``[B, T, H]`` in the dtype of ``states`` (computed in float32).
