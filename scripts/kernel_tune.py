@@ -14,7 +14,7 @@ import triton.testing
 import seqtp
 from seqtp._methods import local_update_grads_from_factor
 from seqtp._solvers import linearized_shifts
-from seqtp.kernels._triton import fused_local_factor, fused_shifts
+from seqtp.kernels._triton import fused_local_factor, fused_local_grads, fused_shifts
 
 
 def inputs(b, t, h, dtype=torch.float32):
@@ -37,7 +37,7 @@ def kernel_table():
         print(f"  ({b},{t},{h}) torch loop: {tref:.3f} ms")
         blocks = (16, 32) if h <= 128 else (16,)
         prefetches = (False, True) if h <= 128 else (False,)
-        epilogues = ("shifts", "local") if h <= 128 else ("shifts",)
+        epilogues = ("shifts", "factor", "grads") if h <= 128 else ("shifts",)
         slabs = (32,) if h <= 128 else (16, 32, 64)  # block_k: rows of M^T per slab of the streamed kernel
         for bb, nw, prec, pf, epi, bk in itertools.product(blocks, (4, 8), ("tf32", "tf32x3"), prefetches, epilogues,
                                                           slabs):
@@ -45,14 +45,21 @@ def kernel_table():
                 opts = dict(nonlinearity="tanh", eps=1e-3, block_b=bb, num_warps=nw, precision=prec, prefetch=pf)
                 if h > 128:
                     opts["block_k"] = bk
+                if epi == "grads":
+                    opts["num_warps"] = max(nw, 8)  # the [H, H] accumulator spills with 4 warps
                 if epi == "shifts":
                     fn = lambda: fused_shifts(s, d, m, **opts)
                     out = fn()
                     want = ref
-                else:
+                elif epi == "factor":
                     fn = lambda: fused_local_factor(s, d, m, grad_scale=1.0, **opts)[0]
                     out = fn()
                     want = ref * (1 - s.double() ** 2)
+                else:  # dW accumulated in the kernel, against the float64 products
+                    x = torch.randn(b, t, 1, device="cuda")
+                    fn = lambda: fused_local_grads(s, d, m, x, grad_scale=1.0, **opts)[1]
+                    out = fn()
+                    want = local_update_grads_from_factor(x.double(), s.double(), ref * (1 - s.double() ** 2))[1]
                 err = ((out.double() - want).norm() / want.norm()).item()
                 ms = triton.testing.do_bench(fn, return_mode="median")
                 print(f"  ({b},{t},{h}) bb={bb:<3} nw={nw} {prec:7s} prefetch={pf!s:5} {epi:6s} bk={bk:<3} "
@@ -92,8 +99,7 @@ def breakdown():
             deltas = timed("recursion (auto)", lambda: solver.propagate(direct))
             timed("local update", lambda: seqtp.local_update_grads(seqtp.elman_params(model), x, hs, deltas))
             if h <= 128:
-                g_z, _ = timed("recursion + epilogue", lambda: solver.propagate_local_factor(direct))
-                timed("update from factor", lambda: local_update_grads_from_factor(x, hs, g_z))
+                timed("recursion + local update in the kernel", lambda: solver.propagate_local_update(direct))
         print(f"  ({b},{t},{h},{dim}): " + ", ".join(f"{k} {sorted(v[3:])[len(v[3:]) // 2]:.3f}"
                                                    for k, v in parts.items()))
 

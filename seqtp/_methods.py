@@ -96,7 +96,7 @@ def local_update_grads_from_factor(
     x: torch.Tensor, states: torch.Tensor, g_z: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The second half of :func:`local_update_grads`: the parameter gradients from ``g_z = dL_loc/dz`` ``[B, T, H]``
-    (which the fused kernel's epilogue can write directly, :func:`seqtp.kernels._triton.fused_local_factor`).
+    (which a variant of the fused kernel writes directly, :func:`seqtp.kernels._triton.fused_local_factor`).
 
     Returns:
         ``(dL/dU [H, D], dL/dW [H, H], dL/db [H])``.
@@ -149,8 +149,8 @@ class TargetProp(Method):
        solver with a ``fit`` method (the learned inverse) gets one training step per batch first (TPTT order).
     4. RNN gradient by ``update``: ``"local"``, the batch mean of ``sum_t 1/2 |f(s_{t-1}, x_t) - v_t|^2`` with
        ``s_{t-1}``, ``v_t`` constant (Elman: the closed form :func:`local_update_grads`; other cells: one batched
-       autograd call; with ``AnalyticInverse(fuse_local_update=True)`` on the Triton kernel, ``dL/dz`` comes from
-       the kernel's epilogue and the shifts are never stored), or ``"through_time"``, the batch mean of
+       autograd call; with ``AnalyticInverse(fuse_local_update=True)`` on the Triton kernel, the kernel accumulates
+       the gradients itself and the shifts are never stored), or ``"through_time"``, the batch mean of
        ``sum_t 1/2 |s_t(theta) - v_t|^2`` back-propagated through the unrolled graph (the paper's public code).
 
     Both losses are batch means, so the learning rate and ``target_lr`` are independent of the batch size (the
@@ -243,9 +243,9 @@ class TargetProp(Method):
         steps = [0, seq_len // 2, seq_len - 1]  # the steps whose mean shift norm is reported
         fused = None
         if self.update == "local" and cell.kind == "elman" and isinstance(solver, AnalyticInverse):
-            fused = solver.propagate_local_factor(direct, mode=self.mode, shift_cap=self.shift_cap)
-        if fused is not None:  # the kernel wrote dL_loc/dz and |delta_t|; delta itself never exists
-            g_z, row_norms = fused  # [B, T, H], [B, T]
+            fused = solver.propagate_local_update(direct, mode=self.mode, shift_cap=self.shift_cap)
+        if fused is not None:  # the kernel accumulated the local update; delta itself never exists
+            g_ih, g_hh, g_b, row_norms = fused  # [H, D], [H, H], [H], [B, T]
             del direct
             norms = row_norms[:, steps].mean(dim=0)  # [3]
         else:
@@ -260,9 +260,7 @@ class TargetProp(Method):
             (0.5 * (full - (states + deltas)).square().sum(dim=(1, 2)).mean()).backward()
         elif cell.kind == "elman":  # closed form, no autograd
             rnn = getattr(model, "rnn", model)
-            if fused is not None:
-                g_ih, g_hh, g_b = local_update_grads_from_factor(x, states, g_z)
-            else:
+            if fused is None:
                 g_ih, g_hh, g_b = local_update_grads(cell.elman_params(), x, states, deltas)
             pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
             if rnn.bias:

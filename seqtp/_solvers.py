@@ -152,8 +152,8 @@ class AnalyticInverse(InverseSolver):
             fused kernel of :mod:`seqtp.kernels`, CUDA), ``"cuda_graph"`` (the torch loop captured once per shape and
             replayed, CUDA), or ``"auto"`` (default: triton where it applies, else a CUDA graph on CUDA, else torch).
             The two fast paths run the exact rule as the difference rule (:meth:`exact_as_difference`).
-        fuse_local_update: where the kernel runs with ``H <= 128``, let :meth:`propagate_local_factor` write the
-            local update's ``dL/dz`` from the kernel's epilogue instead of the shifts (used by
+        fuse_local_update: where the kernel runs with ``H <= 128``, let :meth:`propagate_local_update` accumulate
+            the local update's gradients inside the kernel instead of writing the shifts (used by
             :class:`seqtp.TargetProp` with ``update="local"``). Off by default: not yet timed on a GPU.
 
     Raises:
@@ -212,24 +212,24 @@ class AnalyticInverse(InverseSolver):
         out[:, :-1] += recon
         return out
 
-    def propagate_local_factor(
+    def propagate_local_update(
         self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The shifts of :meth:`propagate` consumed inside the fused kernel (``fuse_local_update=True``): returns
-        ``(g [B, T, H], norms [B, T])`` with ``g_t = -delta_t * phi'(z_t) / B`` (``dL_loc/dz`` of
-        :func:`seqtp.local_update_grads`) and ``norms`` the row norms ``|delta_t|``, or ``None`` where the fused
-        epilogue does not apply (option off, backend not ``triton``, ``H > 128``); then call :meth:`propagate`."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shifts of :meth:`propagate` consumed inside the fused kernel (``fuse_local_update=True``), which
+        accumulates the local update itself: returns ``(dU [H, D], dW [H, H], db [H], norms [B, T])``, the gradients
+        of :func:`seqtp.local_update_grads` and the row norms ``|delta_t|``, or ``None`` where the fused kernel does
+        not apply (option off, backend not ``triton``, ``H > 128``); then call :meth:`propagate`."""
         self._check_propagate(direct, mode)
         backend = choose_backend(self.backend, self.states)
         if not (self.fuse_local_update and backend == "triton" and self.states.shape[-1] <= SINGLE_TILE_MAX):
             return None
-        from .kernels._triton import fused_local_factor
+        from .kernels._triton import fused_local_grads
 
         if mode == "exact":
             direct, mode = self.exact_as_difference(direct), "difference"
-        return fused_local_factor(self.states, direct, self.inverse.M, mode=mode,
-                                  nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap,
-                                  grad_scale=-1.0 / self.states.shape[0])
+        return fused_local_grads(self.states, direct, self.inverse.M, self.x, mode=mode,
+                                 nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap,
+                                 grad_scale=-1.0 / self.states.shape[0])
 
     def propagate(self, direct, *, mode="linearized", shift_cap=None):
         """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`linearized_shifts`,

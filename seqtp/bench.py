@@ -18,8 +18,8 @@ Variants (names for ``bench(variants=...)`` and ``--variants``):
   differentiated by autograd at the end (:class:`_NaiveTargetProp`). It is the baseline the batched implementation is
   measured against; ``tests/test_bench.py`` checks that it computes the same gradients.
 - ``tp-{mode}-local-{backend}`` (CUDA only): the fast paths of :class:`seqtp.AnalyticInverse`: ``triton`` (the fused
-  kernel; the exact rule as the difference rule on corrected direct shifts), ``triton_fused`` (the kernel's epilogue
-  writes the local update's ``dL/dz`` instead of the shifts, ``fuse_local_update=True``) and ``cuda_graph``.
+  kernel; the exact rule as the difference rule on corrected direct shifts), ``triton_fused`` (the kernel also
+  accumulates the local update's gradients, ``fuse_local_update=True``) and ``cuda_graph``.
 
 The command line (``seqtp bench``) is :func:`add_arguments` + :func:`run_from_args`.
 """

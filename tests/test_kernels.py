@@ -174,10 +174,12 @@ def _interpreter_ok() -> bool:
 
 def kernel_errors(device: str) -> float:
     """The worst relative error of the kernel's variants against the float64 reference on ``device``: both tilings,
-    every activation, both rules, with and without the cap, with and without prefetching, and the fused local-update
-    epilogue (``g = -delta * phi'(z) / B`` and ``|delta_t|``); ``T = 1`` and ``T = 2`` included."""
+    every activation, both rules, with and without the cap, with and without prefetching, and the two local-update
+    epilogues (``g = -delta * phi'(z) / B`` with ``|delta_t|``; the gradients accumulated in the kernel); ``T = 1``
+    and ``T = 2`` included."""
     from seqtp._cells import activation_grad_from_output
-    from seqtp.kernels._triton import fused_local_factor, fused_shifts
+    from seqtp._methods import local_update_grads_from_factor
+    from seqtp.kernels._triton import fused_local_factor, fused_local_grads, fused_shifts
 
     worst = 0.0
     for hidden in (12, 150):
@@ -191,10 +193,17 @@ def kernel_errors(device: str) -> float:
                             opts = dict(mode=mode, nonlinearity=nl, eps=1e-3, shift_cap=cap, prefetch=prefetch,
                                         precision="tf32x3")
                             worst = max(worst, rel_err(fused_shifts(s, d, m, **opts), want))
-                            if hidden <= 128:
-                                g, norms = fused_local_factor(s, d, m, grad_scale=-0.2, **opts)
-                                g_want = -0.2 * want * activation_grad_from_output(s.double(), nl)
-                                worst = max(worst, rel_err(g, g_want), rel_err(norms, want.norm(dim=-1)))
+                            if hidden > 128:
+                                continue
+                            g, norms = fused_local_factor(s, d, m, grad_scale=-0.2, **opts)
+                            g_want = -0.2 * want * activation_grad_from_output(s.double(), nl)  # [B, T, H]
+                            worst = max(worst, rel_err(g, g_want), rel_err(norms, want.norm(dim=-1)))
+                            x = torch.randn(5, seq_len, 3, generator=torch.Generator().manual_seed(1)).to(device)
+                            *grads, norms = fused_local_grads(s, d, m, x, grad_scale=-0.2, **opts)
+                            grads_want = local_update_grads_from_factor(x.double(), s.double(), g_want)
+                            for got, exp in zip(grads, grads_want, strict=True):
+                                worst = max(worst, rel_err(got, exp))
+                            worst = max(worst, rel_err(norms, want.norm(dim=-1)))
     return worst
 
 
@@ -312,12 +321,16 @@ def _ptxas_available() -> bool:
 @pytest.mark.parametrize("arch", [90, 80])
 def test_kernel_configurations_compile_within_the_hardware(arch):
     """Without a GPU: every default configuration compiles for sm_90 (H100/H200) and sm_80 (A100) and fits a block's
-    shared memory; on sm_90, the on-chip kernel (H <= 128, the one timed on the H100) and the streamed one up to
-    H = 512 without a cap do not spill registers (on sm_80 the difference rule with the cap spills a few bytes)."""
-    cases = [(128, dict(mode=mode, nonlinearity="tanh", shift_cap=0.5, out_grad=out_grad, prefetch=prefetch))
-             for mode in ("linearized", "difference") for out_grad in (False, True) for prefetch in (False, True)]
+    shared memory; on sm_90, the on-chip kernel (H <= 128, the one timed on the H100; with all its options) and the
+    streamed one up to H = 512 without a cap do not spill registers (on sm_80 the difference rule with the cap
+    spills a few bytes)."""
+    cases = [(128, dict(mode=mode, nonlinearity="tanh", shift_cap=0.5, output=output, prefetch=prefetch, input_size=10))
+             for mode in ("linearized", "difference") for output in ("shifts", "factor", "grads")
+             for prefetch in (False, True)]
     cases += [(hidden, dict(mode="linearized", nonlinearity="tanh", shift_cap=cap))
               for hidden in (512, 2048) for cap in (None, 0.5)]
+    if arch != 90:  # elsewhere the shared-memory check of the default launches is enough
+        cases = [(h, o) for h, o in cases if o.get("output", "shifts") == "shifts" and not o.get("prefetch")]
     for hidden, options in cases:
         got = compile_for(arch, hidden, **options)
         assert got["shared"] <= SHARED_LIMIT[arch], (hidden, options, got)

@@ -10,13 +10,15 @@ runs the whole time loop for them; nothing else is sequential.
   while ``M^T`` streams from L2 in ``[BK, H]`` slabs along the reduction, and ``delta_t`` is re-read slab by slab
   from the float32 output written the step before (a CTA barrier orders the two). Each step reads ``M`` once.
 
-Options (``H <= 128``; both off by default because neither has been timed on a GPU yet):
+Options (``H <= 128``; off by default because none has been timed on a GPU yet):
 
 - ``prefetch``: the loads of ``h_{t-1}`` and ``dhat_{t-1}`` are issued one step ahead, off the dependency chain
   ``delta_t -> delta_{t-1}``.
-- the local-update epilogue (:func:`fused_local_factor`): the kernel writes ``g_t = -delta_t * phi'(z_t) / B`` and
-  ``|delta_t|`` instead of ``delta_t``, so the update's elementwise pass over ``[B, T, H]`` and the shift statistics
-  cost no extra reads.
+- :func:`fused_local_grads`: the TP local update inside the kernel. Per step it forms ``g_t = -delta_t * phi'(z_t)
+  / B`` and accumulates ``dW += g_t^T h_{t-1}``, ``dU += g_t^T x_t``, ``db += sum_rows g_t`` on chip, off the
+  dependency chain; it writes only per-program partial sums and the norms ``|delta_t|`` (for the statistics).
+- :func:`fused_local_factor`: writes ``g_t`` and ``|delta_t|`` instead of ``delta_t`` (the update's products then
+  run in torch); kept to time against the other two.
 
 The exact rule runs here as the difference rule on corrected direct shifts (see
 :meth:`seqtp.AnalyticInverse.exact_as_difference`).
@@ -96,26 +98,26 @@ def _phi_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _emit(out_ptr, norm_ptr, o_off, n_off, delta, h, mask, rmask, grad_scale, ACT: tl.constexpr,
-          OUT_GRAD: tl.constexpr):
-    """Store step t's result: delta_t, or (OUT_GRAD) the local-update factor grad_scale * delta_t * phi'(z_t) and
-    the row norms |delta_t|."""
-    if OUT_GRAD:
-        tl.store(out_ptr + o_off, delta * _phi_grad(h, ACT) * grad_scale, mask=mask)
-        tl.store(norm_ptr + n_off, tl.sqrt(tl.sum(delta * delta, axis=1)), mask=rmask)
-    else:
+def _emit(out_ptr, norm_ptr, o_off, n_off, delta, h, mask, rmask, grad_scale, ACT: tl.constexpr, OUT: tl.constexpr):
+    """Store step t's result: delta_t (OUT 0); or the local-update factor grad_scale * delta_t * phi'(z_t) and the row
+    norms |delta_t| (OUT 1); or the row norms only (OUT 2: the gradients accumulate in the kernel)."""
+    if OUT == 0:
         tl.store(out_ptr + o_off, delta, mask=mask)
+    else:
+        if OUT == 1:
+            tl.store(out_ptr + o_off, delta * _phi_grad(h, ACT) * grad_scale, mask=mask)
+        tl.store(norm_ptr + n_off, tl.sqrt(tl.sum(delta * delta, axis=1)), mask=rmask)
 
 
 @triton.jit
 def _recursion_single_tile(
-    states_ptr, direct_ptr, mt_ptr, out_ptr, norm_ptr,
-    B, T, H,
-    stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
+    states_ptr, direct_ptr, mt_ptr, out_ptr, norm_ptr, x_ptr, gw_ptr, gu_ptr, gb_ptr,
+    B, T, H, D,
+    stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot, stride_xb, stride_xt,
     eps, cap, grad_scale,
     ACT: tl.constexpr, MODE: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
-    OUT_GRAD: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    OUT: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
@@ -133,7 +135,16 @@ def _recursion_single_tile(
     delta = tl.load(direct_ptr + d_off + t * stride_dt, mask=mask, other=0.0).to(tl.float32)
     if HAS_CAP:
         delta = _cap(delta, h, cap)
-    _emit(out_ptr, norm_ptr, o_off + t * stride_ot, n_off + t, delta, h, mask, rmask, grad_scale, ACT, OUT_GRAD)
+    _emit(out_ptr, norm_ptr, o_off + t * stride_ot, n_off + t, delta, h, mask, rmask, grad_scale, ACT, OUT)
+    if OUT == 2:  # the local update accumulates here: dW += g_t^T h_{t-1}, dU += g_t^T x_t, db += sum_rows g_t
+        dcols = tl.arange(0, BLOCK_D)  # [BD]
+        x_off = rows[:, None] * stride_xb + dcols[None, :]  # [BB, BD]
+        xmask = rmask[:, None] & (dcols < D)[None, :]
+        g = delta * _phi_grad(h, ACT) * grad_scale  # [BB, BH]: g_t = dL_loc/dz_t, zero on padded rows and columns
+        x_t = tl.load(x_ptr + x_off + t * stride_xt, mask=xmask, other=0.0).to(tl.float32)  # [BB, BD]
+        acc_u = tl.dot(tl.trans(g), x_t, input_precision=PREC)  # [BH, BD]
+        acc_b = tl.sum(g, axis=0)  # [BH]
+        acc_w = tl.zeros([BLOCK_H, BLOCK_H], dtype=tl.float32)  # [BH, BH]
     if PREFETCH:  # the loads of step t - 1 are issued one step ahead, off the recursion's dependency chain
         pmask = mask & (T >= 2)
         h_next = tl.load(states_ptr + s_off + tl.maximum(T - 2, 0) * stride_st, mask=pmask, other=0.0)
@@ -150,18 +161,31 @@ def _recursion_single_tile(
         else:
             h = tl.load(states_ptr + s_off + (t - 1) * stride_st, mask=mask, other=0.0).to(tl.float32)
             d = tl.load(direct_ptr + d_off + (t - 1) * stride_dt, mask=mask, other=0.0).to(tl.float32)
+        if OUT == 2:
+            acc_w += tl.dot(tl.trans(g), h, input_precision=PREC)  # g_t^T h_{t-1}: off the dependency chain
         delta = tl.dot(u, mt, input_precision=PREC) + d  # [BB, BH]
         if HAS_CAP:
             delta = _cap(delta, h, cap)
         _emit(out_ptr, norm_ptr, o_off + (t - 1) * stride_ot, n_off + t - 1, delta, h, mask, rmask, grad_scale, ACT,
-              OUT_GRAD)
+              OUT)
+        if OUT == 2:
+            g = delta * _phi_grad(h, ACT) * grad_scale  # g_{t-1}
+            x_t = tl.load(x_ptr + x_off + (t - 1) * stride_xt, mask=xmask, other=0.0).to(tl.float32)
+            acc_u += tl.dot(tl.trans(g), x_t, input_precision=PREC)
+            acc_b += tl.sum(g, axis=0)
+    if OUT == 2:  # this program's partial sums; g_0 pairs with h_0 = 0 and adds nothing to dW
+        wmask = cmask[:, None] & cmask[None, :]
+        tl.store(gw_ptr + pid * H * H + cols[:, None] * H + cols[None, :], acc_w, mask=wmask)
+        tl.store(gu_ptr + pid * H * D + cols[:, None] * D + dcols[None, :], acc_u,
+                 mask=cmask[:, None] & (dcols < D)[None, :])
+        tl.store(gb_ptr + pid * H + cols, acc_b, mask=cmask)
 
 
 @triton.jit
 def _recursion_streamed(
-    states_ptr, direct_ptr, mt_ptr, out_ptr, norm_ptr,
-    B, T, H,
-    stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot,
+    states_ptr, direct_ptr, mt_ptr, out_ptr, norm_ptr, x_ptr, gw_ptr, gu_ptr, gb_ptr,
+    B, T, H, D,
+    stride_sb, stride_st, stride_db, stride_dt, stride_ob, stride_ot, stride_xb, stride_xt,
     eps, cap, grad_scale,
     ACT: tl.constexpr, MODE: tl.constexpr, HAS_CAP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -211,13 +235,17 @@ MODES = {"linearized": 0, "difference": 1}
 STREAMED_MAX = 2048  # the streamed kernel's [BK, H] float32 slab of M^T: 16 x 2048 x 4 B = 128 KiB of shared memory
 
 
+OUTPUTS = {"shifts": 0, "factor": 1, "grads": 2}  # what the kernel writes (see _emit)
+
+
 def kernel_config(
     hidden: int,
     *,
     mode: str,
     nonlinearity: str,
     shift_cap: float | None,
-    out_grad: bool = False,
+    output: str = "shifts",
+    input_size: int = 1,
     block_b: int = 16,
     num_warps: int | None = None,
     precision: str | None = None,
@@ -228,46 +256,78 @@ def kernel_config(
     they are chosen (the launch uses it, and ``tests/test_kernels.py`` compiles the same configurations for sm_90 and
     sm_80 to check registers, spills and shared memory without a GPU).
 
-    Defaults: ``H <= 128``: 4 warps, 3 pipeline stages (as timed on the H100). ``H > 128`` (streamed): a single stage
-    and 8 warps up to ``H = 512`` (16 above), slabs of 32 rows of ``M^T`` up to ``H = 1024`` (16 above), chosen so
-    that sm_90 compiles them without spills up to ``H = 512`` and within shared memory up to ``H = 2048``.
+    Defaults: ``H <= 128``: 4 warps (8 when the kernel accumulates the gradients: their ``[H, H]`` float32
+    accumulator takes 64 registers per thread), 3 pipeline stages (as timed on the H100). ``H > 128`` (streamed): a
+    single stage and 8 warps up to ``H = 512`` (16 above), slabs of 32 rows of ``M^T`` up to ``H = 1024`` (16 above),
+    chosen so that sm_90 compiles them without spills up to ``H = 512`` and within shared memory up to ``H = 2048``.
+
+    Args:
+        output: ``"shifts"`` (``delta``), ``"factor"`` (:func:`fused_local_factor`) or ``"grads"``
+            (:func:`fused_local_grads`, with ``input_size`` ``D``). The others as in :func:`fused_shifts`.
 
     Returns:
         ``(kernel, constexprs, {"num_warps", "num_stages"})``.
 
     Raises:
-        ValueError: an unknown rule or activation, the epilogue with ``H > 128``, or ``H > 2048``.
+        ValueError: an unknown rule, activation or output, an epilogue with ``H > 128``, or ``H > 2048``.
     """
     if mode not in MODES:
         raise ValueError(f"the kernel runs the linearized and difference rules, got {mode!r}")
     if nonlinearity not in ACTS:
         raise ValueError(f"nonlinearity must be one of {', '.join(ACTS)}, got {nonlinearity!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     block_h = max(16, triton.next_power_of_2(hidden))
     consts = dict(ACT=ACTS[nonlinearity], MODE=MODES[mode], HAS_CAP=shift_cap is not None, PREC=precision or "tf32",
                   BLOCK_B=block_b, BLOCK_H=block_h)
     if hidden <= SINGLE_TILE_MAX:
-        return (_recursion_single_tile, {**consts, "OUT_GRAD": out_grad, "PREFETCH": prefetch},
-                {"num_warps": num_warps or 4, "num_stages": 3})
-    if out_grad:
-        raise ValueError(f"the fused local-update epilogue needs hidden <= {SINGLE_TILE_MAX}, got {hidden}")
+        consts.update(OUT=OUTPUTS[output], PREFETCH=prefetch, BLOCK_D=max(16, triton.next_power_of_2(input_size)))
+        return _recursion_single_tile, consts, {"num_warps": num_warps or (8 if output == "grads" else 4),
+                                                "num_stages": 3}
+    if output != "shifts":
+        raise ValueError(f"the fused local-update epilogues need hidden <= {SINGLE_TILE_MAX}, got {hidden}")
     if hidden > STREAMED_MAX:
         raise ValueError(f"the kernel takes hidden <= {STREAMED_MAX}, got {hidden}; use backend='cuda_graph'")
     consts["BLOCK_K"] = block_k or (32 if block_h <= 1024 else 16)
     return _recursion_streamed, consts, {"num_warps": num_warps or (8 if block_h <= 512 else 16), "num_stages": 1}
 
 
-def _launch(states, direct, m, out, norms, *, mode, nonlinearity, eps, shift_cap, grad_scale, block_b, num_warps,
-            precision, prefetch, block_k=None):
-    """Run the kernel for ``out`` (``delta``, or the local-update factor when ``norms`` is given)."""
+def _launch(states, direct, m, *, output, x=None, mode, nonlinearity, eps, shift_cap, grad_scale=0.0, block_b=16,
+            num_warps=None, precision=None, prefetch=False, block_k=None):
+    """Run the kernel; returns ``delta`` (``output="shifts"``), ``(g, norms)`` (``"factor"``) or ``(dU, dW, db,
+    norms)`` (``"grads"``, from ``x`` ``[B, T, D]``), all float32."""
     batch, seq_len, hidden = states.shape
+    states, direct = states.contiguous(), direct.contiguous()
+    input_size = 1 if x is None else x.shape[-1]
     kernel, consts, options = kernel_config(hidden, mode=mode, nonlinearity=nonlinearity, shift_cap=shift_cap,
-                                            out_grad=norms is not None, block_b=block_b, num_warps=num_warps,
-                                            precision=precision, prefetch=prefetch, block_k=block_k)
+                                            output=output, input_size=input_size, block_b=block_b,
+                                            num_warps=num_warps, precision=precision, prefetch=prefetch,
+                                            block_k=block_k)
+    programs = triton.cdiv(batch, block_b)
+    f32 = dict(device=states.device, dtype=torch.float32)
     mt = m.T.contiguous().float()  # [H, H]: row k holds M[:, k]
-    args = (states, direct, mt, out, out if norms is None else norms, batch, seq_len, hidden, states.stride(0),
-            states.stride(1), direct.stride(0), direct.stride(1), out.stride(0), out.stride(1), float(eps),
-            float(shift_cap or 0.0), float(grad_scale))
-    kernel[(triton.cdiv(batch, block_b),)](*args, **consts, **options)
+    out = torch.empty(batch, seq_len, hidden, **f32) if output != "grads" else mt  # [B, T, H] (unused for grads)
+    norms = torch.empty(batch, seq_len, **f32) if output != "shifts" else out  # [B, T]
+    if output == "grads":
+        x = x.contiguous()
+        gw = torch.empty(programs, hidden, hidden, **f32)  # [P, H, H]: per-program partial sums
+        gu = torch.empty(programs, hidden, input_size, **f32)  # [P, H, D]
+        gb = torch.empty(programs, hidden, **f32)  # [P, H]
+    else:
+        x, gw, gu, gb = states, out, out, out  # not read
+    kernel[(programs,)](
+        states, direct, mt, out, norms, x, gw, gu, gb,
+        batch, seq_len, hidden, input_size,
+        states.stride(0), states.stride(1), direct.stride(0), direct.stride(1), out.stride(0),
+        out.stride(1) if out.dim() == 3 else 0, x.stride(0), x.stride(1),
+        float(eps), float(shift_cap or 0.0), float(grad_scale),
+        **consts, **options,
+    )  # fmt: skip
+    if output == "shifts":
+        return out
+    if output == "factor":
+        return out, norms
+    return gu.sum(dim=0), gw.sum(dim=0), gb.sum(dim=0), norms
 
 
 def fused_shifts(
@@ -311,12 +371,9 @@ def fused_shifts(
     Returns:
         ``delta`` ``[B, T, H]`` in the dtype of ``states`` (computed in float32).
     """
-    batch, seq_len, hidden = states.shape
-    states, direct = states.contiguous(), direct.contiguous()
-    out = torch.empty(batch, seq_len, hidden, device=states.device, dtype=torch.float32)  # [B, T, H]
-    _launch(states, direct, m, out, None, mode=mode, nonlinearity=nonlinearity, eps=eps, shift_cap=shift_cap,
-            grad_scale=0.0, block_b=block_b, num_warps=num_warps, precision=precision, prefetch=prefetch,
-            block_k=block_k)
+    out = _launch(states, direct, m, output="shifts", mode=mode, nonlinearity=nonlinearity, eps=eps,
+                  shift_cap=shift_cap, block_b=block_b, num_warps=num_warps, precision=precision, prefetch=prefetch,
+                  block_k=block_k)
     return out if states.dtype == torch.float32 else out.to(states.dtype)
 
 
@@ -350,10 +407,43 @@ def fused_local_factor(
     Raises:
         ValueError: ``H > 128``.
     """
-    batch, seq_len, hidden = states.shape
-    states, direct = states.contiguous(), direct.contiguous()
-    out = torch.empty(batch, seq_len, hidden, device=states.device, dtype=torch.float32)  # [B, T, H]
-    norms = torch.empty(batch, seq_len, device=states.device, dtype=torch.float32)  # [B, T]
-    _launch(states, direct, m, out, norms, mode=mode, nonlinearity=nonlinearity, eps=eps, shift_cap=shift_cap,
-            grad_scale=grad_scale, block_b=block_b, num_warps=num_warps, precision=precision, prefetch=prefetch)
-    return out, norms
+    return _launch(states, direct, m, output="factor", mode=mode, nonlinearity=nonlinearity, eps=eps,
+                   shift_cap=shift_cap, grad_scale=grad_scale, block_b=block_b, num_warps=num_warps,
+                   precision=precision, prefetch=prefetch)
+
+
+def fused_local_grads(
+    states: torch.Tensor,
+    direct: torch.Tensor,
+    m: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    mode: str = "linearized",
+    nonlinearity: str,
+    eps: float,
+    shift_cap: float | None = None,
+    grad_scale: float,
+    block_b: int = 16,
+    num_warps: int | None = None,
+    precision: str | None = None,
+    prefetch: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recursion of :func:`fused_shifts` with the whole local update inside: per step the kernel forms
+    ``g_t = grad_scale * delta_t * phi'(z_t)`` and accumulates ``dW += g_t^T h_{t-1}``, ``dU += g_t^T x_t`` and
+    ``db += sum_rows g_t`` on chip (off the recursion's dependency chain); each program writes its partial sums and
+    they are added here. Nothing of size ``[B, T, H]`` is written. With ``grad_scale = -1/B`` these are the gradients
+    of :func:`seqtp.local_update_grads`. The products use ``precision`` like the recursion. ``H <= 128`` only.
+
+    Args:
+        states, direct, m, mode, nonlinearity, eps, shift_cap, block_b, num_warps, precision, prefetch: as in
+            :func:`fused_shifts`. x: the inputs ``[B, T, D]``. grad_scale: the factor of ``g``.
+
+    Returns:
+        ``(dU [H, D], dW [H, H], db [H], norms [B, T])``, float32; ``norms`` are the row norms ``|delta_t|``.
+
+    Raises:
+        ValueError: ``H > 128``.
+    """
+    return _launch(states, direct, m, output="grads", x=x, mode=mode, nonlinearity=nonlinearity, eps=eps,
+                   shift_cap=shift_cap, grad_scale=grad_scale, block_b=block_b, num_warps=num_warps,
+                   precision=precision, prefetch=prefetch)
