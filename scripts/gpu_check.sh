@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks in device runs of at most 10 minutes each: environment, the GPU tests and the suite on CUDA (stage
-# "tests"), the iteration benchmark (stage "bench"), kernel timings and the TP breakdown (stage "tune").
-# Usage (on a CUDA machine, from the repo root): bash scripts/gpu_check.sh OUTDIR [tests|bench|tune|all]
+# GPU checks in device runs of at most 10 minutes each: environment, then the GPU tests (stage "tests"), the rest of
+# the suite on the GPU machine ("suite"), the iteration benchmark ("bench"), kernel timings and the TP breakdown
+# ("tune"). Usage (on a CUDA machine, from the repo root): bash scripts/gpu_check.sh OUTDIR [STAGE|all]
 set -uo pipefail
 out=${1:-gpu-out}
 stage=${2:-all}
@@ -12,6 +12,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 } 2>&1 | tee "$out/env.txt"
 if [[ $stage == tests || $stage == all ]]; then
   python3 -m pytest -q -m gpu --durations=15 tests 2>&1 | tee "$out/pytest_gpu.txt" | tail -30
+fi
+if [[ $stage == suite || $stage == all ]]; then
   python3 -m pytest -q -x -m "not gpu" tests 2>&1 | tee "$out/pytest_all.txt" | tail -8
 fi
 if [[ $stage == bench || $stage == all ]]; then
