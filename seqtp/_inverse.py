@@ -39,7 +39,7 @@ class ElmanInverse:
 
     Attributes:
         M: ``(W^T W + r I)^{-1} W^T`` ``[H, H]``.
-        N: ``r (W^T W + r I)^{-1}`` ``[H, H]``.
+        N: ``r (W^T W + r I)^{-1}`` ``[H, H]`` (solved at the first use).
     """
 
     def __init__(self, params: ElmanParams, *, reg: float, eps: float = 1e-3):
@@ -50,17 +50,25 @@ class ElmanInverse:
         self.params, self.reg, self.eps = params, float(reg), float(eps)
         w = params.weight_hh  # [H, H]
         eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
-        chol, info = torch.linalg.cholesky_ex(w.T @ w + self.reg * eye)
-        rhs = torch.cat([w.T, self.reg * eye], dim=1)  # [H, 2H]: solve for M and N in one call
-        mn = torch.cholesky_solve(rhs, chol)  # [H, 2H]
-        if w.is_cuda:  # no host sync: a failed factorization poisons M and N, the loss check sees NaN
-            mn = torch.where(info == 0, mn, torch.full_like(mn, float("nan")))
+        chol, info = torch.linalg.cholesky_ex(torch.addmm(eye, w.T, w, beta=self.reg))  # W^T W + r I
+        if w.is_cuda:  # no host sync: a failed factorization poisons the factor (so M and N), the loss check sees NaN
+            chol = chol.masked_fill(info != 0, float("nan"))
         elif int(info) != 0:
             raise FactorizationError(
                 f"Cholesky factorization of W^T W + reg*I failed (reg={self.reg}, finite weights: "
                 f"{bool(torch.isfinite(w).all())})"
             )
-        self.M, self.N = mn.split(w.shape[0], dim=1)  # [H, H] each
+        self._chol = chol  # [H, H] lower factor
+        self.M = torch.cholesky_solve(w.T, chol)  # [H, H]
+        self._n: torch.Tensor | None = None
+
+    @property
+    def N(self) -> torch.Tensor:  # noqa: N802 - the paper's name
+        """``r (W^T W + r I)^{-1}`` ``[H, H]``, solved at the first use (only :meth:`invert` needs it)."""
+        if self._n is None:
+            eye = torch.eye(self._chol.shape[0], dtype=self._chol.dtype, device=self._chol.device)
+            self._n = torch.cholesky_solve(self.reg * eye, self._chol)
+        return self._n
 
     def drive(self, x: torch.Tensor) -> torch.Tensor:
         """``c_t = U x_t + b`` for all steps: ``x`` ``[B, T, D]`` -> ``[B, T, H]``."""
