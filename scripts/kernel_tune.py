@@ -13,7 +13,7 @@ import triton.testing
 
 import seqtp
 from seqtp._methods import local_update_grads_from_factor
-from seqtp._solvers import linearized_shifts
+from seqtp._solvers import torch_shifts
 from seqtp.kernels._triton import fused_local_factor, fused_local_grads, fused_shifts
 
 
@@ -31,8 +31,8 @@ def kernel_table():
     print("kernel alone: shape, block_b, num_warps, precision, prefetch, epilogue -> ms (median), rel err vs float64")
     for b, t, h in [(512, 784, 128), (128, 1000, 128), (256, 784, 512)]:
         s, d, m = inputs(b, t, h)
-        ref = linearized_shifts(s.double(), d.double(), m.double(), nonlinearity="tanh", eps=1e-3)
-        tref = triton.testing.do_bench(lambda: linearized_shifts(s, d, m, nonlinearity="tanh", eps=1e-3),
+        ref = torch_shifts(s.double(), d.double(), m.double(), nonlinearity="tanh", eps=1e-3)
+        tref = triton.testing.do_bench(lambda: torch_shifts(s, d, m, nonlinearity="tanh", eps=1e-3),
                                        return_mode="median")
         print(f"  ({b},{t},{h}) torch loop: {tref:.3f} ms")
         blocks = (16, 32) if h <= 128 else (16,)

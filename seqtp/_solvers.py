@@ -232,8 +232,8 @@ class AnalyticInverse(InverseSolver):
                                  grad_scale=-1.0 / self.states.shape[0])
 
     def propagate(self, direct, *, mode="linearized", shift_cap=None):
-        """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`linearized_shifts`,
-        :func:`difference_shifts` or (exact) the generic loop of :meth:`invert`; ``triton`` and ``cuda_graph`` run the
+        """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`torch_shifts` or (exact) the
+        generic loop of :meth:`invert`; ``triton`` and ``cuda_graph`` run the
         exact rule as the difference rule (:meth:`exact_as_difference`)."""
         self._check_propagate(direct, mode)
         backend = choose_backend(self.backend, self.states)
@@ -241,79 +241,64 @@ class AnalyticInverse(InverseSolver):
             return super().propagate(direct, mode=mode, shift_cap=shift_cap)  # the reference
         if mode == "exact":
             direct, mode = self.exact_as_difference(direct), "difference"
-        opts = dict(nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap)
+        opts = dict(mode=mode, nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap)
         if backend == "triton":
             from .kernels._triton import fused_shifts
 
-            return fused_shifts(self.states, direct, self.inverse.M, mode=mode, **opts)
-        fn = linearized_shifts if mode == "linearized" else difference_shifts
+            return fused_shifts(self.states, direct, self.inverse.M, **opts)
         if backend == "cuda_graph":
             from .kernels._graphs import graphed
 
-            return graphed(fn, self.states, direct, self.inverse.M, **opts)
-        return fn(self.states, direct, self.inverse.M, **opts)
+            return graphed(torch_shifts, self.states, direct, self.inverse.M, **opts)
+        return torch_shifts(self.states, direct, self.inverse.M, **opts)
 
 
-def linearized_shifts(
+def torch_shifts(
     states: torch.Tensor,
     direct: torch.Tensor,
     m: torch.Tensor,
     *,
+    mode: str = "linearized",
     nonlinearity: str,
     eps: float,
     shift_cap: float | None = None,
 ) -> torch.Tensor:
-    """The reference linearized recursion ``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)``, ``delta_T =
-    dhat_T``: ``a'(h)`` for all steps at once, then one ``addmm`` per step (pure torch; the fused kernel and the
-    CUDA graph are tested against it).
+    """The pure-torch recursions of the analytic inverse, ``delta_T = dhat_T`` and backwards
+
+    - ``linearized``: ``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)``,
+    - ``difference``: ``delta_{t-1} = dhat_{t-1} + M (a(h_t + delta_t) - a(h_t))`` (``= psi_t(v_t) - psi_t(h_t)``:
+      the drive cancels),
+
+    with ``a'(h)`` or ``a(h)`` for all steps at once, then one ``addmm`` per step. Capturable in a CUDA graph; the
+    fused kernel and the graph are tested against it, and it against the generic loop of
+    :meth:`InverseSolver.propagate` (the exact rule runs here as the difference rule,
+    :meth:`AnalyticInverse.exact_as_difference`).
 
     Args:
         states: ``h_1 .. h_T`` ``[B, T, H]``; direct: ``dhat`` ``[B, T, H]``; m: ``M`` ``[H, H]``.
-        nonlinearity, eps: of ``a'``; shift_cap: per-step cap ratio or ``None``.
+        mode: ``linearized`` or ``difference``. nonlinearity, eps: of ``a``; shift_cap: per-step cap ratio or ``None``.
 
     Returns:
         ``delta`` ``[B, T, H]``.
+
+    Raises:
+        ValueError: another ``mode``.
     """
-    a_grad = inverse_activation_grad(states, nonlinearity, eps=eps)  # [B, T, H]
+    if mode == "linearized":
+        per_step = inverse_activation_grad(states, nonlinearity, eps=eps)  # [B, T, H]: a'(h_t)
+    elif mode == "difference":
+        per_step = inverse_activation(states, nonlinearity, eps=eps)  # [B, T, H]: a(h_t)
+    else:
+        raise ValueError(f"torch_shifts runs the linearized and difference rules, got {mode!r}")
     m_t = m.T
     deltas = torch.empty_like(states)  # [B, T, H]
     delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, H]
     deltas[:, -1] = delta
     for t in range(states.shape[1] - 1, 0, -1):
-        delta = torch.addmm(direct[:, t - 1], a_grad[:, t] * delta, m_t)  # [B, H]
-        delta = cap_shift(delta, states[:, t - 1], shift_cap)
-        deltas[:, t - 1] = delta
-    return deltas
-
-
-def difference_shifts(
-    states: torch.Tensor,
-    direct: torch.Tensor,
-    m: torch.Tensor,
-    *,
-    nonlinearity: str,
-    eps: float,
-    shift_cap: float | None = None,
-) -> torch.Tensor:
-    """The difference recursion ``delta_{t-1} = dhat_{t-1} + M (a(h_t + delta_t) - a(h_t))`` (``= psi_t(v_t) -
-    psi_t(h_t)``: the drive cancels), ``delta_T = dhat_T``: ``a(h)`` for all steps at once, then per step one
-    ``a`` and one ``addmm`` (pure torch, capturable in a CUDA graph; tested against the generic loop of
-    :meth:`InverseSolver.propagate`).
-
-    Args:
-        states: ``h_1 .. h_T`` ``[B, T, H]``; direct: ``dhat`` ``[B, T, H]``; m: ``M`` ``[H, H]``.
-        nonlinearity, eps: of ``a``; shift_cap: per-step cap ratio or ``None``.
-
-    Returns:
-        ``delta`` ``[B, T, H]``.
-    """
-    a_h = inverse_activation(states, nonlinearity, eps=eps)  # [B, T, H]
-    m_t = m.T
-    deltas = torch.empty_like(states)  # [B, T, H]
-    delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, H]
-    deltas[:, -1] = delta
-    for t in range(states.shape[1] - 1, 0, -1):
-        back = inverse_activation(states[:, t] + delta, nonlinearity, eps=eps).sub_(a_h[:, t])  # [B, H]
+        if mode == "linearized":
+            back = per_step[:, t] * delta  # [B, H]
+        else:
+            back = inverse_activation(states[:, t] + delta, nonlinearity, eps=eps).sub_(per_step[:, t])  # [B, H]
         delta = cap_shift(torch.addmm(direct[:, t - 1], back, m_t), states[:, t - 1], shift_cap)  # [B, H]
         deltas[:, t - 1] = delta
     return deltas
