@@ -22,6 +22,9 @@ if [[ $stage == bench || $stage == all ]]; then
   variants+=,tp-linearized-through_time,tp-linearized-local-naive
   python3 -m seqtp bench --device cuda --repeats "${REPEATS:-20}" --warmup 3 --variants "$variants" \
       --json "$out/bench_gpu.json" 2>&1 | grep -v USDT | tee "$out/bench_gpu.txt" | tail -34
+  graphed=bptt,tp-linearized-local-triton,tp-linearized-local-triton_fused,tp-exact-local-triton
+  python3 -m seqtp bench --device cuda --graph --repeats "${REPEATS:-20}" --warmup 3 --variants "$graphed" \
+      --json "$out/bench_gpu_graph.json" 2>&1 | grep -v USDT | tee "$out/bench_gpu_graph.txt" | tail -14
 fi
 if [[ $stage == tune || $stage == all ]]; then
   python3 scripts/kernel_tune.py 2>&1 | tee "$out/kernel_tune.txt" | tail -60

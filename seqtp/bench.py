@@ -237,8 +237,26 @@ def _peak_mem_mb(step: Callable[[], None], device: torch.device) -> float | None
     return None
 
 
+UNCAPTURABLE = ("naive", "cuda_graph")  # a host sync (torch.linalg.cholesky's check); a capture of its own
+
+
+def _captured(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step`` captured once in a CUDA graph (after two warm-up calls on a side stream); returns its replay."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _bench_one(
-    spec: dict, shape: Shape, *, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, seed: int
+    spec: dict, shape: Shape, *, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, seed: int,
+    graph: bool = False,
 ) -> dict:
     """Time one variant on one shape; the result row."""
     batch, seq_len, hidden, input_size = shape
@@ -249,7 +267,12 @@ def _bench_one(
     backend = spec["backend"]
     if backend is None:  # BPTT: whether nn.RNN takes the cuDNN path for this input
         backend = "cudnn" if device.type == "cuda" and torch.backends.cudnn.is_acceptable(x) else "torch"
-    row = {**spec, "backend": backend, "batch": batch, "seq_len": seq_len, "hidden": hidden, "input": input_size}
+    row = {**spec, "backend": f"{backend}+graph" if graph else backend, "batch": batch, "seq_len": seq_len,
+           "hidden": hidden, "input": input_size}
+    if graph and backend in UNCAPTURABLE:
+        row.update(median_ms=None, min_ms=None, max_ms=None, peak_mem_mb=None,
+                   error=f"backend {backend} cannot be captured in a CUDA graph")
+        return row
     method = _make_method(spec)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
 
@@ -264,15 +287,28 @@ def _bench_one(
     try:
         for _ in range(warmup):
             step()
+        if graph:  # the peak is that of the capture, which allocates the graph's memory
+            optimizer.zero_grad(set_to_none=True)
+            box = []
+            try:
+                peak = _peak_mem_mb(lambda: box.append(_captured(step, device)), device)
+            except RuntimeError as e:  # not capturable: say so in the row, go on with the other variants
+                row.update(median_ms=None, min_ms=None, max_ms=None, peak_mem_mb=None,
+                           error=f"CUDA graph capture failed: {str(e).splitlines()[0]}")
+                return row
+            timed = box[0]
+        else:
+            timed = step
         times = []
         for _ in range(repeats):
             _sync(device)
             start = time.perf_counter()
-            step()
+            timed()
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
-        optimizer.zero_grad(set_to_none=True)  # the peak then counts the gradients the iteration allocates
-        peak = _peak_mem_mb(step, device)
+        if not graph:
+            optimizer.zero_grad(set_to_none=True)  # the peak then counts the gradients the iteration allocates
+            peak = _peak_mem_mb(step, device)
     except (torch.cuda.OutOfMemoryError, FactorizationError) as e:
         row.update(median_ms=None, min_ms=None, max_ms=None, peak_mem_mb=None, error=f"{type(e).__name__}: {e}")
         return row
@@ -290,6 +326,7 @@ def bench(
     warmup: int = 3,
     seed: int = 0,
     progress: bool = False,
+    graph: bool = False,
 ) -> list[dict]:
     """Time full training iterations of each variant on each shape.
 
@@ -305,6 +342,11 @@ def bench(
     (``profile_memory=True``; ``tracemalloc`` misses torch's C++ allocations). It is ``None`` on other devices or if
     the profiler's (private) event tree is unavailable.
 
+    With ``graph=True`` (CUDA), each variant's whole iteration is captured once in a CUDA graph after the warm-up
+    (TP and BPTT iterations have no host sync) and the timed iterations are replays: launch overhead and Python no
+    longer count. The peak memory is then that of the capture. Such rows have ``"+graph"`` appended to their
+    backend; the naive loop and the ``cuda_graph`` backend cannot be captured and get an ``"error"``.
+
     Args:
         shapes: ``(batch, seq_len, hidden, input)`` tuples.
         device: where the model and data live (``"cpu"``, ``"cuda"``, ``"cuda:1"``; not ``"auto"``).
@@ -314,6 +356,7 @@ def bench(
         repeats: timed iterations per variant (>= 1). warmup: untimed iterations before them (>= 0).
         seed: seeds the initial weights and data, the same for every variant of a shape.
         progress: print each row to stderr as it finishes.
+        graph: capture each iteration in a CUDA graph and time its replays (CUDA only).
 
     Returns:
         One row per (shape, variant), shapes outermost: ``{"method", "mode", "update", "backend", "batch",
@@ -321,9 +364,11 @@ def bench(
         memory or whose factorization fails gets ``None`` times and an extra ``"error"`` message.
 
     Raises:
-        ValueError: on a bad shape, variant name, ``repeats`` or ``warmup``.
+        ValueError: on a bad shape, variant name, ``repeats`` or ``warmup``, or ``graph`` off CUDA.
     """
     device = torch.device(device)
+    if graph and device.type != "cuda":
+        raise ValueError(f"graph=True (--graph) needs a CUDA device, got {device}")
     names = parse_variants(variants)
     if variants is None and device.type != "cuda":  # the default set on CPU leaves out the CUDA-only backends
         names = [n for n in names if VARIANTS[n]["backend"] not in CUDA_ONLY_BACKENDS]
@@ -334,7 +379,7 @@ def bench(
     for shape in checked:
         for name in names:
             row = _bench_one(VARIANTS[name], shape, device=device, dtype=dtype, repeats=repeats, warmup=warmup,
-                             seed=seed)
+                             seed=seed, graph=graph)
             rows.append(row)
             if progress:
                 took = "failed" if row["median_ms"] is None else f"{row['median_ms']:.2f} ms"
@@ -437,6 +482,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", help=f"comma-separated, default all: {','.join(VARIANTS)}")
     parser.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (default: torch's)")
+    parser.add_argument("--graph", action="store_true",
+                        help="CUDA: capture each iteration in a CUDA graph and time its replays")
 
 
 def run_from_args(args: argparse.Namespace, device: torch.device) -> int:
@@ -463,7 +510,7 @@ def run_from_args(args: argparse.Namespace, device: torch.device) -> int:
             shapes = DEFAULT_SHAPES if device.type == "cuda" else [CPU_SHAPE]
         dtype = DTYPES[args.dtype]
         rows = bench(shapes, device=device, dtype=dtype, variants=args.variants, repeats=args.repeats,
-                     warmup=args.warmup, seed=args.seed, progress=True)
+                     warmup=args.warmup, seed=args.seed, progress=True, graph=args.graph)
     except ValueError as e:
         print(f"seqtp bench: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import torch
 import seqtp
 from seqtp import bench as B
 from seqtp.cli import main
+from seqtp.kernels import triton_available
 
 TINY = (4, 12, 8, 2)
 NUMERIC = ("median_ms", "min_ms", "max_ms")
@@ -176,3 +177,52 @@ def test_every_tp_variant_maps_to_solver_options():
             method = B._make_method(spec)
             assert method.solver_options == B.SOLVER_BACKENDS[spec["backend"]]
             seqtp.AnalyticInverse(reg=1.0, **method.solver_options)  # the options are the solver's
+
+
+def test_graph_mode_needs_cuda(capsys):
+    with pytest.raises(ValueError, match="graph=True"):
+        B.bench([TINY], device="cpu", graph=True)
+    assert main(["bench", "--device", "cpu", "--graph", "--batch", "4", "--seq-len", "12", "--hidden", "8",
+                 "--input", "2", "--repeats", "1"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_graph_mode_rows():
+    if not (torch.cuda.is_available() and triton_available()):
+        pytest.skip("needs CUDA and triton")
+    names = ["bptt", "tp-linearized-local-triton", "tp-linearized-local-triton_fused", "tp-exact-local-triton",
+             "tp-linearized-local-naive"]
+    rows = B.bench([TINY], device="cuda", variants=names, repeats=2, warmup=1, graph=True)
+    for row in rows[:-1]:
+        assert row["backend"].endswith("+graph") and "error" not in row, row
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["peak_mem_mb"] >= 0
+    assert rows[-1]["median_ms"] is None and "cannot be captured" in rows[-1]["error"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [False, True])
+def test_captured_tp_iteration_equals_eager(fuse):
+    """A captured TP training step (the kernel backend, as ``auto`` picks) moves the weights as eager steps do."""
+    if not (torch.cuda.is_available() and triton_available()):
+        pytest.skip("needs CUDA and triton")
+    x = torch.randn(16, 20, 3, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    weights = {}
+    for captured in (False, True):
+        torch.manual_seed(0)
+        model = seqtp.RNNModel(3, 32, 10).cuda()
+        method = seqtp.TargetProp(reg=1.0, target_lr=0.1, solver_options={"fuse_local_update": fuse})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def step(model=model, method=method, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            method.backward(model, x, lambda s: torch.nn.functional.cross_entropy(model.read(s), y))
+            optimizer.step()
+
+        step()  # compiles the kernel outside the capture
+        run = B._captured(step, torch.device("cuda")) if captured else step  # the capture's warm-up steps twice
+        for _ in range(1 if captured else 3):
+            run()
+        weights[captured] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
