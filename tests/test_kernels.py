@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -306,13 +308,13 @@ def compile_for(arch: int, hidden: int, **options) -> dict:
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
-    ptx = ROOT / ".pytest_cache" / f"kernel_sm{arch}_{hidden}.ptx"
-    ptx.parent.mkdir(exist_ok=True)
+    ptx = Path(tempfile.mkdtemp(prefix="seqtp-ptx-")) / f"kernel_sm{arch}_{hidden}.ptx"
     ptx.write_text(compiled.asm["ptx"])
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
     info = subprocess.run([str(ptxas), "-v", f"--gpu-name={gpu_name}", str(ptx), "-o", os.devnull],
                           capture_output=True, text=True, check=True).stderr
+    shutil.rmtree(ptx.parent)
     return {
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
