@@ -195,9 +195,11 @@ class AnalyticInverse(InverseSolver):
         """Direct shifts that turn the exact rule into the difference rule (call :meth:`bind` first).
 
         ``delta_{t-1} = v_{t-1} - h_{t-1} = dhat_{t-1} + [psi_t(h_t + delta_t) - psi_t(h_t)] + e_t`` with the
-        reconstruction error ``e_t = psi_t(h_t) - h_{t-1}``, which does not depend on the targets: it is computed for
-        all steps at once (two ``[B*T, H] x [H, H]`` products), added to ``dhat_{t-1}``, and the sequential part is
-        the difference rule's recursion (the fused kernel). ``e_t`` is zero up to rounding and the clamp of ``atanh``.
+        reconstruction error ``e_t = psi_t(h_t) - h_{t-1}``, which does not depend on the targets. Since
+        ``I - N = M W``, ``e_t = M (a(h_t) - z_t)`` with ``z_t = W h_{t-1} + U x_t + b`` the forward pre-activation:
+        the two rules differ only where ``a(h_t) != z_t``, i.e. where the clamp of ``atanh`` binds (and by rounding).
+        ``e`` is computed for all steps at once (two ``[B*T, H] x [H, H]`` products) and added to ``dhat_{t-1}``; the
+        sequential part is then the difference rule's recursion.
 
         Args:
             direct: ``dhat`` ``[B, T, H]``.
@@ -205,11 +207,13 @@ class AnalyticInverse(InverseSolver):
         Returns:
             ``dhat + e`` ``[B, T, H]``, with ``e_t`` added at index ``t - 1`` (the last step unchanged).
         """
-        states = self.states
-        drive = self.inverse.drive(self.x[:, 1:])  # [B, T-1, H]: c_t for t = 2 .. T
-        recon = self.inverse.invert(states[:, 1:], states[:, :-1], drive).sub_(states[:, :-1])  # [B, T-1, H]: e_t
+        states, params = self.states, self.inverse.params
+        preact = torch.baddbmm(self.inverse.drive(self.x[:, 1:]), states[:, :-1],
+                               params.weight_hh.T.expand(states.shape[0], -1, -1))  # [B, T-1, H]: z_t, t = 2 .. T
+        resid = inverse_activation(states[:, 1:], params.nonlinearity, eps=self.eps) - preact  # a(h_t) - z_t (a may
+        # return its input itself: no in-place op)
         out = direct.clone()
-        out[:, :-1] += recon
+        out[:, :-1] += resid @ self.inverse.M.T  # [B, T-1, H]: e_t
         return out
 
     def propagate_local_update(
@@ -232,13 +236,14 @@ class AnalyticInverse(InverseSolver):
                                  grad_scale=-1.0 / self.states.shape[0])
 
     def propagate(self, direct, *, mode="linearized", shift_cap=None):
-        """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`torch_shifts` or (exact) the
-        generic loop of :meth:`invert`; ``triton`` and ``cuda_graph`` run the
-        exact rule as the difference rule (:meth:`exact_as_difference`)."""
+        """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`torch_shifts` or, for the exact
+        rule, the generic loop over :meth:`invert`; ``triton`` and ``cuda_graph`` run the exact rule as the difference
+        rule on corrected direct shifts (:meth:`exact_as_difference`: one more ``[B*T, H] x [H, H]`` product than the
+        loop, in exchange for the fast recursion; on the CPU, where products dominate, the loop is faster)."""
         self._check_propagate(direct, mode)
         backend = choose_backend(self.backend, self.states)
         if backend == "torch" and mode == "exact":
-            return super().propagate(direct, mode=mode, shift_cap=shift_cap)  # the reference
+            return super().propagate(direct, mode=mode, shift_cap=shift_cap)
         if mode == "exact":
             direct, mode = self.exact_as_difference(direct), "difference"
         opts = dict(mode=mode, nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap)

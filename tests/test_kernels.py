@@ -111,9 +111,9 @@ def test_tp_iteration_fast_path_equals_torch_path(backend):
     if backend != "cuda_graph" and not triton_available():
         pytest.skip("needs triton")
     # tf32 products in the kernel (also the fused update's accumulations): rounding the operands of every product to
-    # tf32 in a float64 emulation of this setup gives 4e-4 relative error on the RNN gradients; the graph replays the
-    # float32 ops of the torch path
-    tol = 1e-4 if backend == "cuda_graph" else 3e-3
+    # tf32 in a float64 emulation of this setup gives 4e-4 relative error on the RNN gradients; the graph replays
+    # float32 ops, off by up to 3e-5 for the exact rule on the CPU (see the interpreter test)
+    tol = 3e-4 if backend == "cuda_graph" else 3e-3
     assert fast_path_errors("cuda", names=(backend,)) < tol
 
 
@@ -230,7 +230,12 @@ FAST_PATHS = {  # name -> AnalyticInverse options
 
 def fast_path_errors(device: str, names=("triton", "triton_fused"), modes=("linearized", "difference", "exact")):
     """The worst relative error, over ``modes`` and with and without a binding cap, of one TP iteration's gradients
-    and shift statistics by each fast path in ``names`` against the torch reference path."""
+    and shift statistics by each fast path in ``names`` (float32) against the torch path in float64.
+
+    The reference is float64 because the float32 torch path is itself off by more than the fast paths for the exact
+    rule: its loop forms ``psi_t(v_t) - h_{t-1}`` from O(1) terms (cancellation), where the fast paths add the small
+    reconstruction error ``M (a(h_t) - z_t)`` to the difference rule (measured under the interpreter: 3e-3 against
+    2.6e-4 relative error on ``dW`` with the cap)."""
     worst = 0.0
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(19, 40, 3, generator=gen).to(device)  # [B, T, D]
@@ -240,10 +245,12 @@ def fast_path_errors(device: str, names=("triton", "triton_fused"), modes=("line
             results = {}
             for name in ("torch", *names):
                 torch.manual_seed(0)
-                model = seqtp.RNNModel(3, 48, 4).to(device)
+                dtype = torch.float64 if name == "torch" else torch.float32
+                model = seqtp.RNNModel(3, 48, 4).to(device, dtype)
                 method = seqtp.TargetProp(reg=1.0, target_lr=0.1, mode=mode, shift_cap=cap, solver="analytic",
                                           solver_options={"backend": "torch"} if name == "torch" else FAST_PATHS[name])
-                _, stats = method.backward(model, x, lambda s, m=model: torch.nn.functional.cross_entropy(m.read(s), y))
+                _, stats = method.backward(model, x.to(dtype),
+                                           lambda s, m=model: torch.nn.functional.cross_entropy(m.read(s), y))
                 grads = torch.cat([p.grad.flatten() for p in model.parameters()])
                 results[name] = (grads, torch.stack([stats["shift_first"], stats["shift_mid"], stats["shift_last"]]))
             for name in names:
@@ -273,9 +280,11 @@ def test_triton_kernel_in_interpreter_mode_on_cpu():
 
 @interpreter
 def test_tp_fast_paths_in_interpreter_mode_on_cpu():
-    """A whole TP iteration through the kernel (plain, and with the fused local-update epilogue) on the CPU under
-    the interpreter, for the three rules: the same gradients and shift statistics as the torch path."""
-    assert _run_interpreted('fast_path_errors("cpu")') < 1e-5
+    """A whole TP iteration through the kernel (plain, and with the fused local update) on the CPU under the
+    interpreter, for the three rules: the gradients and shift statistics of the float64 torch path, up to float32
+    rounding. The difference and exact rules subtract ``a(h_t + delta_t) - a(h_t)`` with ``delta_t`` small, which
+    costs digits in float32: measured 2e-7 (linearized), 9e-6 (difference), 3e-5 (exact)."""
+    assert _run_interpreted('fast_path_errors("cpu")') < 1e-4
 
 
 @gpu

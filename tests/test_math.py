@@ -117,14 +117,20 @@ def test_exact_rule_is_difference_rule_plus_reconstruction_error(device, nonline
     x = torch.randn(4, 9, 3, dtype=F64, device=device)
     states = torch.rand(4, 9, 6, dtype=F64, device=device) * 1.6 - 0.8  # [B, T, H]: not a forward pass
     direct = 0.05 * torch.randn_like(states)
+    from seqtp._solvers import InverseSolver, torch_shifts
+
     solver = seqtp.AnalyticInverse(reg=0.7, backend="torch").bind(seqtp.make_cell(model), x, states)
-    exact = solver.propagate(direct, mode="exact", shift_cap=shift_cap)
+    exact = InverseSolver.propagate(solver, direct, mode="exact", shift_cap=shift_cap)  # the loop over psi_t
     shifted = solver.exact_as_difference(direct)
     recon = (shifted - direct)[:, :-1]  # e_t
     assert recon.abs().max() > 1e-2  # the identity is exercised, not a zero correction
     assert torch.equal(shifted[:, -1], direct[:, -1])
-    diff = solver.propagate(shifted, mode="difference", shift_cap=shift_cap)
+    diff = InverseSolver.propagate(solver, shifted, mode="difference", shift_cap=shift_cap)
     torch.testing.assert_close(diff, exact, rtol=1e-10, atol=1e-12)
+    # and the torch recursion on the corrected shifts, as the CUDA graph runs it
+    got = torch_shifts(states, shifted, solver.inverse.M, mode="difference", nonlinearity=nonlinearity, eps=1e-3,
+                       shift_cap=shift_cap)
+    torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "identity"])
