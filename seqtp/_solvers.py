@@ -207,14 +207,19 @@ class AnalyticInverse(InverseSolver):
         Returns:
             ``dhat + e`` ``[B, T, H]``, with ``e_t`` added at index ``t - 1`` (the last step unchanged).
         """
-        states, params = self.states, self.inverse.params
-        preact = torch.baddbmm(self.inverse.drive(self.x[:, 1:]), states[:, :-1],
-                               params.weight_hh.T.expand(states.shape[0], -1, -1))  # [B, T-1, H]: z_t, t = 2 .. T
-        resid = inverse_activation(states[:, 1:], params.nonlinearity, eps=self.eps) - preact  # a(h_t) - z_t (a may
-        # return its input itself: no in-place op)
-        out = direct.clone()
-        out[:, :-1] += resid @ self.inverse.M.T  # [B, T-1, H]: e_t
+        states = self.states
+        resid = inverse_activation(states, self.inverse.params.nonlinearity, eps=self.eps) - self.preactivations()
+        out = direct.clone()  # resid: a(h_t) - z_t [B, T, H] (a may return its input: no in-place op on it)
+        out[:, :-1] += resid[:, 1:] @ self.inverse.M.T  # [B, T-1, H]: e_t for t = 2 .. T at index t - 1
         return out
+
+    def preactivations(self) -> torch.Tensor:
+        """The forward pre-activations ``z_t = W h_{t-1} + U x_t + b`` ``[B, T, H]`` (``h_0 = 0``; one batched
+        product, call :meth:`bind` first)."""
+        states, w = self.states, self.inverse.params.weight_hh
+        preact = self.inverse.drive(self.x)  # [B, T, H]: U x_t + b
+        preact[:, 1:] += states[:, :-1] @ w.T  # [B, T-1, H]: + W h_{t-1}
+        return preact
 
     def propagate_local_update(
         self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
@@ -236,65 +241,68 @@ class AnalyticInverse(InverseSolver):
                                  grad_scale=-1.0 / self.states.shape[0])
 
     def propagate(self, direct, *, mode="linearized", shift_cap=None):
-        """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`torch_shifts` or, for the exact
-        rule, the generic loop over :meth:`invert`; ``triton`` and ``cuda_graph`` run the exact rule as the difference
-        rule on corrected direct shifts (:meth:`exact_as_difference`: one more ``[B*T, H] x [H, H]`` product than the
-        loop, in exchange for the fast recursion; on the CPU, where products dominate, the loop is faster)."""
+        """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`torch_shifts` (the generic loop
+        over :meth:`invert` stays the reference in the tests), ``cuda_graph`` replays it, ``triton`` runs the exact
+        rule as the difference rule on corrected direct shifts (:meth:`exact_as_difference`)."""
         self._check_propagate(direct, mode)
         backend = choose_backend(self.backend, self.states)
-        if backend == "torch" and mode == "exact":
-            return super().propagate(direct, mode=mode, shift_cap=shift_cap)
-        if mode == "exact":
-            direct, mode = self.exact_as_difference(direct), "difference"
-        opts = dict(mode=mode, nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap)
+        opts = dict(nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap)
         if backend == "triton":
             from .kernels._triton import fused_shifts
 
-            return fused_shifts(self.states, direct, self.inverse.M, **opts)
+            if mode == "exact":
+                direct, mode = self.exact_as_difference(direct), "difference"
+            return fused_shifts(self.states, direct, self.inverse.M, mode=mode, **opts)
+        tensors = (self.states, direct, self.inverse.M) + ((self.preactivations(),) if mode == "exact" else ())
         if backend == "cuda_graph":
             from .kernels._graphs import graphed
 
-            return graphed(torch_shifts, self.states, direct, self.inverse.M, **opts)
-        return torch_shifts(self.states, direct, self.inverse.M, **opts)
+            return graphed(torch_shifts, *tensors, mode=mode, **opts)
+        return torch_shifts(*tensors, mode=mode, **opts)
 
 
 def torch_shifts(
     states: torch.Tensor,
     direct: torch.Tensor,
     m: torch.Tensor,
+    preact: torch.Tensor | None = None,
     *,
     mode: str = "linearized",
     nonlinearity: str,
     eps: float,
     shift_cap: float | None = None,
 ) -> torch.Tensor:
-    """The pure-torch recursions of the analytic inverse, ``delta_T = dhat_T`` and backwards
+    """The pure-torch recursions of the analytic inverse: ``delta_T = dhat_T`` and ``delta_{t-1} = dhat_{t-1} + M u_t``
+    with
 
-    - ``linearized``: ``delta_{t-1} = dhat_{t-1} + M (a'(h_t) * delta_t)``,
-    - ``difference``: ``delta_{t-1} = dhat_{t-1} + M (a(h_t + delta_t) - a(h_t))`` (``= psi_t(v_t) - psi_t(h_t)``:
-      the drive cancels),
+    - ``linearized``: ``u_t = a'(h_t) * delta_t``,
+    - ``difference``: ``u_t = a(h_t + delta_t) - a(h_t)`` (``M u_t = psi_t(v_t) - psi_t(h_t)``: the drive cancels),
+    - ``exact``: ``u_t = a(h_t + delta_t) - z_t``, ``z_t = W h_{t-1} + U x_t + b`` the forward pre-activation
+      (``M u_t = psi_t(v_t) - h_{t-1}``, since ``I - N = M W``),
 
-    with ``a'(h)`` or ``a(h)`` for all steps at once, then one ``addmm`` per step. Capturable in a CUDA graph; the
-    fused kernel and the graph are tested against it, and it against the generic loop of
-    :meth:`InverseSolver.propagate` (the exact rule runs here as the difference rule,
-    :meth:`AnalyticInverse.exact_as_difference`).
+    with ``a'(h)``, ``a(h)`` or ``z`` for all steps at once, then one ``addmm`` per step. Capturable in a CUDA graph;
+    the fused kernel and the graph are tested against it, and it against the generic loop of
+    :meth:`InverseSolver.propagate`.
 
     Args:
         states: ``h_1 .. h_T`` ``[B, T, H]``; direct: ``dhat`` ``[B, T, H]``; m: ``M`` ``[H, H]``.
-        mode: ``linearized`` or ``difference``. nonlinearity, eps: of ``a``; shift_cap: per-step cap ratio or ``None``.
+        preact: the pre-activations ``z_1 .. z_T`` ``[B, T, H]`` (exact rule only).
+        mode: the rule. nonlinearity, eps: of ``a``; shift_cap: per-step cap ratio or ``None``.
 
     Returns:
         ``delta`` ``[B, T, H]``.
 
     Raises:
-        ValueError: another ``mode``.
+        ValueError: an unknown ``mode``, or ``preact`` missing for the exact rule.
     """
     if mode == "linearized":
         per_step = inverse_activation_grad(states, nonlinearity, eps=eps)  # [B, T, H]: a'(h_t)
     elif mode == "difference":
         per_step = inverse_activation(states, nonlinearity, eps=eps)  # [B, T, H]: a(h_t)
+    elif mode == "exact" and preact is not None:
+        per_step = preact  # [B, T, H]: z_t
     else:
-        raise ValueError(f"torch_shifts runs the linearized and difference rules, got {mode!r}")
+        raise ValueError(f"torch_shifts runs the linearized, difference and (with preact) exact rules, got {mode!r}")
     m_t = m.T
     deltas = torch.empty_like(states)  # [B, T, H]
     delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, H]

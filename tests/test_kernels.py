@@ -92,15 +92,18 @@ def test_triton_kernel_matches_reference(hidden, nonlinearity, mode, shift_cap, 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("shift_cap", [None, 0.02])
-@pytest.mark.parametrize("mode", ["linearized", "difference"])
+@pytest.mark.parametrize("mode", ["linearized", "difference", "exact"])
 def test_cuda_graph_replays_the_reference(shift_cap, mode):
     from seqtp.kernels._graphs import graphed
 
     for seed in (0, 1):  # the second call replays the captured graph on new inputs
         states, direct, m = recursion_inputs(16, 30, 64, "tanh", dtype=torch.float32, device="cuda", seed=seed)
+        tensors = (states, direct, m)
+        if mode == "exact":  # pre-activations near a(h): the forward's, up to a perturbation
+            tensors += (torch.atanh(states) + 0.01 * torch.randn_like(states),)
         opts = dict(mode=mode, nonlinearity="tanh", eps=1e-3, shift_cap=shift_cap)
-        want = torch_shifts(states, direct, m, **opts)
-        got = graphed(torch_shifts, states, direct, m, **opts)
+        want = torch_shifts(*tensors, **opts)
+        got = graphed(torch_shifts, *tensors, **opts)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 

@@ -127,10 +127,13 @@ def test_exact_rule_is_difference_rule_plus_reconstruction_error(device, nonline
     assert torch.equal(shifted[:, -1], direct[:, -1])
     diff = InverseSolver.propagate(solver, shifted, mode="difference", shift_cap=shift_cap)
     torch.testing.assert_close(diff, exact, rtol=1e-10, atol=1e-12)
-    # and the torch recursion on the corrected shifts, as the CUDA graph runs it
+    # the torch recursion on the corrected shifts (as the kernel runs the exact rule), and the solver's own exact
+    # recursion u_t = a(h_t + delta_t) - z_t (the torch path and the CUDA graph)
     got = torch_shifts(states, shifted, solver.inverse.M, mode="difference", nonlinearity=nonlinearity, eps=1e-3,
                        shift_cap=shift_cap)
     torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(solver.propagate(direct, mode="exact", shift_cap=shift_cap), exact, rtol=1e-10,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "identity"])
