@@ -254,66 +254,84 @@ def _captured(step: Callable[[], None], device: torch.device) -> Callable[[], No
     return graph.replay
 
 
-def _bench_one(
-    spec: dict, shape: Shape, *, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, seed: int,
-    graph: bool = False,
-) -> dict:
-    """Time one variant on one shape; the result row."""
-    batch, seq_len, hidden, input_size = shape
-    torch.manual_seed(seed)
-    model = RNNModel(input_size, hidden, NUM_CLASSES).to(device=device, dtype=dtype)
-    x = torch.randn(batch, seq_len, input_size, device=device, dtype=dtype)  # [B, T, D]
-    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)  # [B]
-    backend = spec["backend"]
-    if backend is None:  # BPTT: whether nn.RNN takes the cuDNN path for this input
-        backend = "cudnn" if device.type == "cuda" and torch.backends.cudnn.is_acceptable(x) else "torch"
-    row = {**spec, "backend": f"{backend}+graph" if graph else backend, "batch": batch, "seq_len": seq_len,
-           "hidden": hidden, "input": input_size}
-    if graph and backend in UNCAPTURABLE:
-        row.update(median_ms=None, min_ms=None, max_ms=None, peak_mem_mb=None,
-                   error=f"backend {backend} cannot be captured in a CUDA graph")
-        return row
-    method = _make_method(spec)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+class _Run:
+    """One variant on one shape: its model, data and iteration, built and warmed up (and captured, with ``graph``);
+    :meth:`time_once` times one iteration, :meth:`row` finishes the result row (with the peak memory)."""
 
-    def loss_fn(states: torch.Tensor) -> torch.Tensor:  # states [B, T, H] -> scalar batch mean
-        return F.cross_entropy(model.read(states), y)
+    def __init__(self, spec: dict, shape: Shape, *, device: torch.device, dtype: torch.dtype, warmup: int, seed: int,
+                 graph: bool):
+        batch, seq_len, hidden, input_size = shape
+        self.device, self.graph, self.times, self.peak = device, graph, [], None
+        torch.manual_seed(seed)
+        model = RNNModel(input_size, hidden, NUM_CLASSES).to(device=device, dtype=dtype)
+        x = torch.randn(batch, seq_len, input_size, device=device, dtype=dtype)  # [B, T, D]
+        y = torch.randint(0, NUM_CLASSES, (batch,), device=device)  # [B]
+        backend = spec["backend"]
+        if backend is None:  # BPTT: whether nn.RNN takes the cuDNN path for this input
+            backend = "cudnn" if device.type == "cuda" and torch.backends.cudnn.is_acceptable(x) else "torch"
+        self._row = {**spec, "backend": f"{backend}+graph" if graph else backend, "batch": batch, "seq_len": seq_len,
+                     "hidden": hidden, "input": input_size}
+        self.timed: Callable[[], None] | None = None
+        if graph and backend in UNCAPTURABLE:
+            self._fail(f"backend {backend} cannot be captured in a CUDA graph")
+            return
+        method = _make_method(spec)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        self.optimizer = optimizer
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        method.backward(model, x, loss_fn)
-        optimizer.step()
+        def loss_fn(states: torch.Tensor) -> torch.Tensor:  # states [B, T, H] -> scalar batch mean
+            return F.cross_entropy(model.read(states), y)
 
-    try:
-        for _ in range(warmup):
-            step()
-        if graph:  # the peak is that of the capture, which allocates the graph's memory
+        def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            box = []
-            try:
-                peak = _peak_mem_mb(lambda: box.append(_captured(step, device)), device)
-            except RuntimeError as e:  # not capturable: say so in the row, go on with the other variants
-                row.update(median_ms=None, min_ms=None, max_ms=None, peak_mem_mb=None,
-                           error=f"CUDA graph capture failed: {str(e).splitlines()[0]}")
-                return row
-            timed = box[0]
-        else:
-            timed = step
-        times = []
-        for _ in range(repeats):
-            _sync(device)
+            method.backward(model, x, loss_fn)
+            optimizer.step()
+
+        self.step = step
+        try:
+            for _ in range(warmup):
+                step()
+            if graph:  # the peak is that of the capture, which allocates the graph's memory
+                optimizer.zero_grad(set_to_none=True)
+                box = []
+                self.peak = _peak_mem_mb(lambda: box.append(_captured(step, device)), device)
+                self.timed = box[0]
+            else:
+                self.timed = step
+        except (torch.cuda.OutOfMemoryError, FactorizationError) as e:
+            self._fail(f"{type(e).__name__}: {e}")
+        except RuntimeError as e:
+            if not graph:
+                raise
+            self._fail(f"CUDA graph capture failed: {str(e).splitlines()[0]}")  # go on with the other variants
+
+    def _fail(self, message: str) -> None:
+        self._row.update(error=message)
+        self.timed = None
+
+    def time_once(self) -> None:
+        if self.timed is None:
+            return
+        try:
+            _sync(self.device)
             start = time.perf_counter()
-            timed()
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1e3)
-        if not graph:
-            optimizer.zero_grad(set_to_none=True)  # the peak then counts the gradients the iteration allocates
-            peak = _peak_mem_mb(step, device)
-    except (torch.cuda.OutOfMemoryError, FactorizationError) as e:
-        row.update(median_ms=None, min_ms=None, max_ms=None, peak_mem_mb=None, error=f"{type(e).__name__}: {e}")
+            self.timed()
+            _sync(self.device)
+        except (torch.cuda.OutOfMemoryError, FactorizationError) as e:
+            self._fail(f"{type(e).__name__}: {e}")
+            return
+        self.times.append((time.perf_counter() - start) * 1e3)
+
+    def row(self) -> dict:
+        row = dict(self._row, median_ms=None, min_ms=None, max_ms=None, peak_mem_mb=None)
+        if self.timed is None:
+            return row
+        if not self.graph:
+            self.optimizer.zero_grad(set_to_none=True)  # the peak then counts the gradients the iteration allocates
+            self.peak = _peak_mem_mb(self.step, self.device)
+        times = self.times
+        row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), peak_mem_mb=self.peak)
         return row
-    row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), peak_mem_mb=peak)
-    return row
 
 
 def bench(
@@ -331,10 +349,12 @@ def bench(
     """Time full training iterations of each variant on each shape.
 
     Each timed iteration is ``zero_grad`` + ``Method.backward`` (forward, targets, update) + ``SGD.step`` on data
-    already on ``device``; on CUDA the device is synchronized before and after it and the wall time between is
+    already on ``device``. On CUDA the device is synchronized before and after it and the wall time between is
     recorded (``perf_counter``), so launch overhead, the Python loops and the GPU work all count. The bench itself
-    adds no host sync inside an iteration; the methods may (``ElmanInverse`` checks its Cholesky factorization once
-    per iteration, the naive variant's ``torch.linalg.cholesky`` likewise). ``warmup`` iterations run first, untimed.
+    adds no host sync inside an iteration; the methods may (on the CPU ``ElmanInverse`` checks its Cholesky
+    factorization, the naive variant's ``torch.linalg.cholesky`` checks everywhere). All variants of a shape are
+    built and run ``warmup`` untimed iterations first, then are timed in turns (one iteration of each, ``repeats``
+    times), so that drifts of the machine's speed hit every variant alike.
 
     Peak memory is measured on one more, untimed, iteration, as the peak of the tensor memory allocated during the
     iteration minus what was allocated before it (model, data, optimizer state; gradients are freed first, so they
@@ -377,13 +397,20 @@ def bench(
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     rows = []
     for shape in checked:
-        for name in names:
-            row = _bench_one(VARIANTS[name], shape, device=device, dtype=dtype, repeats=repeats, warmup=warmup,
-                             seed=seed, graph=graph)
+        runs = {}
+        for name in names:  # build and warm up every variant of the shape, then time them in turns
+            runs[name] = _Run(VARIANTS[name], shape, device=device, dtype=dtype, warmup=warmup, seed=seed, graph=graph)
+        for _ in range(repeats):
+            for run in runs.values():
+                run.time_once()
+        for name, run in runs.items():
+            row = run.row()
             rows.append(row)
             if progress:
                 took = "failed" if row["median_ms"] is None else f"{row['median_ms']:.2f} ms"
                 print(f"bench: {name} {shape}: {took}", file=sys.stderr, flush=True)
+            del run.timed  # a captured graph's memory goes with it
+        del runs
     return rows
 
 
