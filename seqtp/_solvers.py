@@ -11,6 +11,7 @@ map to classes in :data:`SOLVERS`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -123,19 +124,17 @@ class InverseSolver(ABC):
         first). Each ``delta_t`` is capped by :func:`cap_shift` before it is propagated further."""
         self._check_propagate(direct, mode)
         states = self.states
-        deltas = torch.empty_like(states)  # [B, T, S]
-        delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, S]
-        deltas[:, -1] = delta
-        for t in range(states.shape[1] - 1, 0, -1):
+
+        def step(t: int, delta: torch.Tensor) -> torch.Tensor:  # delta_{t-1} before the cap [B, S]
             if mode == "linearized":
                 back = self.linearized(t, delta)
             elif mode == "difference":
                 back = self.difference(t, delta)
             else:  # exact: v_{t-1} = psi_t(v_t) + dhat_{t-1}
                 back = self.invert(t, states[:, t] + delta) - states[:, t - 1]
-            delta = cap_shift(direct[:, t - 1] + back, states[:, t - 1], shift_cap)  # [B, S]
-            deltas[:, t - 1] = delta
-        return deltas
+            return direct[:, t - 1] + back
+
+        return backward_recursion(states, direct, step, shift_cap=shift_cap)
 
 
 class AnalyticInverse(InverseSolver):
@@ -208,18 +207,11 @@ class AnalyticInverse(InverseSolver):
             ``dhat + e`` ``[B, T, H]``, with ``e_t`` added at index ``t - 1`` (the last step unchanged).
         """
         states = self.states
-        resid = inverse_activation(states, self.inverse.params.nonlinearity, eps=self.eps) - self.preactivations()
-        out = direct.clone()  # resid: a(h_t) - z_t [B, T, H] (a may return its input: no in-place op on it)
-        out[:, :-1] += resid[:, 1:] @ self.inverse.M.T  # [B, T-1, H]: e_t for t = 2 .. T at index t - 1
+        preact = self.cell.preactivation(states[:, :-1], self.x[:, 1:])  # [B, T-1, H]: z_t, t = 2 .. T
+        resid = inverse_activation(states[:, 1:], self.inverse.params.nonlinearity, eps=self.eps) - preact
+        out = direct.clone()  # resid: a(h_t) - z_t (a may return its input: no in-place op on it)
+        out[:, :-1] += resid @ self.inverse.M.T  # [B, T-1, H]: e_t at index t - 1
         return out
-
-    def preactivations(self) -> torch.Tensor:
-        """The forward pre-activations ``z_t = W h_{t-1} + U x_t + b`` ``[B, T, H]`` (``h_0 = 0``; one batched
-        product, call :meth:`bind` first)."""
-        states, w = self.states, self.inverse.params.weight_hh
-        preact = self.inverse.drive(self.x)  # [B, T, H]: U x_t + b
-        preact[:, 1:] += states[:, :-1] @ w.T  # [B, T-1, H]: + W h_{t-1}
-        return preact
 
     def propagate_local_update(
         self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
@@ -253,7 +245,9 @@ class AnalyticInverse(InverseSolver):
             if mode == "exact":
                 direct, mode = self.exact_as_difference(direct), "difference"
             return fused_shifts(self.states, direct, self.inverse.M, mode=mode, **opts)
-        tensors = (self.states, direct, self.inverse.M) + ((self.preactivations(),) if mode == "exact" else ())
+        tensors = (self.states, direct, self.inverse.M)
+        if mode == "exact":  # + the pre-activations z_t [B, T-1, H] of the steps back
+            tensors += (self.cell.preactivation(self.states[:, :-1], self.x[:, 1:]),)
         if backend == "cuda_graph":
             from .kernels._graphs import graphed
 
@@ -286,7 +280,7 @@ def torch_shifts(
 
     Args:
         states: ``h_1 .. h_T`` ``[B, T, H]``; direct: ``dhat`` ``[B, T, H]``; m: ``M`` ``[H, H]``.
-        preact: the pre-activations ``z_1 .. z_T`` ``[B, T, H]`` (exact rule only).
+        preact: the pre-activations ``z_2 .. z_T`` ``[B, T-1, H]`` of the steps back (exact rule only).
         mode: the rule. nonlinearity, eps: of ``a``; shift_cap: per-step cap ratio or ``None``.
 
     Returns:
@@ -295,23 +289,49 @@ def torch_shifts(
     Raises:
         ValueError: an unknown ``mode``, or ``preact`` missing for the exact rule.
     """
+    # per_step[:, t - 1] belongs to step t (0-based index into states, 1 <= t < T): the first state has no step back
     if mode == "linearized":
-        per_step = inverse_activation_grad(states, nonlinearity, eps=eps)  # [B, T, H]: a'(h_t)
+        per_step = inverse_activation_grad(states[:, 1:], nonlinearity, eps=eps)  # [B, T-1, H]: a'(h_t)
     elif mode == "difference":
-        per_step = inverse_activation(states, nonlinearity, eps=eps)  # [B, T, H]: a(h_t)
+        per_step = inverse_activation(states[:, 1:], nonlinearity, eps=eps)  # [B, T-1, H]: a(h_t)
     elif mode == "exact" and preact is not None:
-        per_step = preact  # [B, T, H]: z_t
+        per_step = preact  # [B, T-1, H]: z_t
     else:
         raise ValueError(f"torch_shifts runs the linearized, difference and (with preact) exact rules, got {mode!r}")
     m_t = m.T
-    deltas = torch.empty_like(states)  # [B, T, H]
-    delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, H]
+
+    def step(t: int, delta: torch.Tensor) -> torch.Tensor:  # dhat_{t-1} + M u_t [B, H]
+        if mode == "linearized":
+            u = per_step[:, t - 1] * delta  # [B, H]
+        else:
+            u = inverse_activation(states[:, t] + delta, nonlinearity, eps=eps).sub_(per_step[:, t - 1])  # [B, H]
+        return torch.addmm(direct[:, t - 1], u, m_t)
+
+    return backward_recursion(states, direct, step, shift_cap=shift_cap)
+
+
+def backward_recursion(
+    states: torch.Tensor,
+    direct: torch.Tensor,
+    step: Callable[[int, torch.Tensor], torch.Tensor],
+    *,
+    shift_cap: float | None = None,
+) -> torch.Tensor:
+    """The backward sweep shared by every target rule: ``delta_T = cap(dhat_T)``, then for ``t = T-1 .. 1`` (0-based
+    indices into ``states``) ``delta_{t-1} = cap(step(t, delta_t))``, each capped by :func:`cap_shift` against
+    ``s_{t-1}`` before it is propagated further.
+
+    Args:
+        states: ``[B, T, S]``; direct: ``dhat`` ``[B, T, S]``; step: ``(t, delta_t [B, S]) -> delta_{t-1}`` before the
+            cap ``[B, S]``; shift_cap: the cap ratio or ``None``.
+
+    Returns:
+        ``delta`` ``[B, T, S]``.
+    """
+    deltas = torch.empty_like(states)  # [B, T, S]
+    delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, S]
     deltas[:, -1] = delta
     for t in range(states.shape[1] - 1, 0, -1):
-        if mode == "linearized":
-            back = per_step[:, t] * delta  # [B, H]
-        else:
-            back = inverse_activation(states[:, t] + delta, nonlinearity, eps=eps).sub_(per_step[:, t])  # [B, H]
-        delta = cap_shift(torch.addmm(direct[:, t - 1], back, m_t), states[:, t - 1], shift_cap)  # [B, H]
+        delta = cap_shift(step(t, delta), states[:, t - 1], shift_cap)  # [B, S]
         deltas[:, t - 1] = delta
     return deltas
