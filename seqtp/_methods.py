@@ -242,7 +242,7 @@ class TargetProp(Method):
         seq_len = states.shape[1]
         steps = [0, seq_len // 2, seq_len - 1]  # the steps whose mean shift norm is reported
         fused = None
-        if self.update == "local" and cell.kind == "elman" and isinstance(solver, AnalyticInverse):
+        if self.update == "local" and isinstance(solver, AnalyticInverse) and solver.fuse_local_update:
             fused = solver.propagate_local_update(direct, mode=self.mode, shift_cap=self.shift_cap)
         if fused is not None:  # the kernel accumulated the local update; delta itself never exists
             g_ih, g_hh, g_b, row_norms = fused  # [H, D], [H, H], [H], [B, T]
