@@ -7,6 +7,7 @@ take ``null``); unknown keys and bad values raise :class:`ConfigError` with one 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ._targets import SOLVERS
 
 
 class ConfigError(ValueError):
@@ -102,13 +105,12 @@ class Config:
 
 
 METHOD_NAMES = ("tp", "bptt")
-SOLVER_OPTIONS = {  # tp.<key> -> the solvers that take it
-    "space": ("gauss_newton",),
-    "tol": ("gauss_newton", "iterated"),
-    "max_iter": ("gauss_newton",),
-    "steps": ("iterated",),
-    "feedback_lr": ("learned",),
-    "noise": ("learned",),
+# tp.<key> options that are handed to the solver: each belongs to the solvers of ``SOLVERS`` whose constructor
+# takes it (read from their signatures, so a new solver needs no edit here).
+_SOLVER_KEYS = ("space", "tol", "max_iter", "steps", "feedback_lr", "noise")
+SOLVER_OPTIONS = {
+    key: tuple(name for name, cls in SOLVERS.items() if key in inspect.signature(cls).parameters)
+    for key in _SOLVER_KEYS
 }
 
 
@@ -273,7 +275,7 @@ def validate(cfg: Config) -> None:
     _one_of(tp.update, ("local", "through_time"), "tp.update")
     _check(0 < tp.eps < 1, "tp.eps", "must be in (0, 1)", tp.eps)
     _check(tp.shift_cap is None or tp.shift_cap > 0, "tp.shift_cap", "must be > 0 or null", tp.shift_cap)
-    _one_of(tp.solver, ("auto", "analytic", "gauss_newton", "iterated", "learned"), "tp.solver")
+    _one_of(tp.solver, ("auto", *SOLVERS), "tp.solver")
     _check(tp.solver != "analytic" or cfg.model.cell == "elman", "tp.solver",
            f"analytic needs model.cell=elman (got {cfg.model.cell})", tp.solver)
     if tp.space is not None:
