@@ -13,6 +13,7 @@ Public API (everything else is private and may change):
   :func:`local_update_grads`: TP's batched local update for Elman cells.
 """
 
+from . import _source_tree
 from ._cells import CELLS, Cell, elman_params, make_cell
 from ._gauss_newton import GaussNewtonInverse
 from ._inverse import ElmanInverse, FactorizationError
@@ -46,3 +47,5 @@ __all__ = [
     "tp_backward",
 ]
 __version__ = "0.2.0"
+
+_source_tree.register()  # seqtp.tasks from a checkout used without installing it

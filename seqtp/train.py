@@ -6,7 +6,10 @@ Run folder layout::
     config.yaml      the resolved configuration
     metrics.jsonl    one JSON object per evaluation (step, time_s, train_loss, val_loss, [val_accuracy], ...)
     checkpoint.pt    model, optimizer, data-generator and RNG states (written atomically at every evaluation)
-    summary.json     status (completed | diverged | interrupted), final metrics, note
+    summary.json     status (completed | diverged | interrupted), step, final metrics, message, note
+
+Ctrl-C and SIGTERM (a cluster's preemption: Slurm, Kubernetes) stop a run the same way: the state at the last
+completed step is checkpointed, ``summary.json`` says ``interrupted``, and ``--resume`` continues it exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ import inspect
 import json
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,12 +30,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-import tasks as task_registry
-
 from ._inverse import FactorizationError
 from ._methods import METHODS, Method
 from ._model import RNNModel
 from .config import SOLVER_OPTIONS, Config, ConfigError, config_from_dict, to_dict
+from .tasks import TASKS, Task
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -39,16 +45,43 @@ class RunError(RuntimeError):
     """A run cannot start or continue (existing run folder, missing checkpoint, incompatible resume)."""
 
 
-def build_task(cfg: Config, device: torch.device) -> task_registry.Task:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during :func:`train`; handled like Ctrl-C (it is a ``KeyboardInterrupt``)."""
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within the block, the first SIGTERM raises :class:`Terminated` (later ones are ignored, so that the checkpoint
+    being written is finished); the previous handler is restored on exit. Signal handlers can only be set from the
+    main thread: elsewhere SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum, frame):
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def build_task(cfg: Config, device: torch.device) -> Task:
     """The task of ``cfg.task``; options left ``None`` keep the task's defaults.
 
     Raises:
         ConfigError: unknown task, an option the task does not take, or a value the task rejects.
     """
     t = cfg.task
-    if t.name not in task_registry.TASKS:
-        raise ConfigError(f"task.name: unknown task {t.name!r}; choose from {', '.join(task_registry.TASKS)}")
-    cls = task_registry.TASKS[t.name]
+    if t.name not in TASKS:
+        raise ConfigError(f"task.name: unknown task {t.name!r}; choose from {', '.join(TASKS)}")
+    cls = TASKS[t.name]
     accepted = inspect.signature(cls).parameters
     options = {"seq_len": t.seq_len, "val_size": t.val_size}
     for key in ("variant", "bits", "data_dir", "permutation_seed"):
@@ -64,7 +97,7 @@ def build_task(cfg: Config, device: torch.device) -> task_registry.Task:
         raise ConfigError(str(e)) from None
 
 
-def build_model(cfg: Config, task: task_registry.Task, device: torch.device) -> RNNModel:
+def build_model(cfg: Config, task: Task, device: torch.device) -> RNNModel:
     torch.manual_seed(cfg.seed)  # same initial weights on every device
     model = RNNModel(
         task.input_size,
@@ -116,7 +149,7 @@ class Result:
     """What :func:`train` returns (also written to ``summary.json``)."""
 
     status: str  # completed | diverged | interrupted
-    step: int
+    step: int  # completed steps; diverged: the iteration N (counted from 1) whose update was non-finite
     metrics: dict
     message: str = ""
     note: str = ""  # the task's data remark (e.g. the offline MNIST subset), carried by every output
@@ -158,6 +191,7 @@ def train(
     device: torch.device | str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    on_eval: Callable[[dict], None] | None = None,
 ) -> Result:
     """Train ``cfg.method`` on ``cfg.task``, writing the run folder ``out``.
 
@@ -169,30 +203,50 @@ def train(
             ``train.steps`` and ``device``. The resumed run ends exactly where an uninterrupted run of that length
             ends (the data generator, optimizer and RNG states are checkpointed).
         progress: show a tqdm bar.
+        on_eval: called with each metrics row right after it is written and checkpointed (e.g. to report it
+            to a tuner); an exception it raises propagates out of ``train``.
 
     Returns:
         A :class:`Result`; ``status`` is ``"diverged"`` (non-finite loss, gradient or validation loss, failed
-        factorization: the last good checkpoint is kept) or ``"completed"``. On Ctrl-C the state at the last
-        completed step is checkpointed (the last checkpoint is kept if the interrupt lands in an optimizer step or
-        a checkpoint write), ``summary.json`` says ``interrupted``, and ``KeyboardInterrupt`` propagates.
+        factorization: the last good checkpoint is kept; ``step`` is the iteration N, counted from 1, whose update
+        was non-finite, the N of the message "diverged at step N: ...") or ``"completed"``.
 
     Raises:
-        RunError: ``out`` already holds a run and ``resume`` is false, or there is nothing to resume.
+        KeyboardInterrupt: on Ctrl-C, and :class:`Terminated` (a ``KeyboardInterrupt``) on SIGTERM, which ``train``
+            handles while it runs (in the main thread; the previous handler is restored when it returns). Either
+            way the state at the last completed step is checkpointed (the last checkpoint is kept if the interrupt
+            lands in an optimizer step or an evaluation), ``summary.json`` says ``interrupted`` at that step, and
+            the exception propagates; ``resume`` then continues exactly.
+        RunError: ``out`` already holds a run and ``resume`` is false, there is nothing to resume, or ``out`` cannot
+            be a folder.
         ConfigError: a bad task option.
     """
-    out = Path(out)
-    device = torch.device(device)
+    with _sigterm_interrupts():
+        return _run(cfg, Path(out), device=torch.device(device), resume=resume, progress=progress, on_eval=on_eval)
+
+
+def _run(cfg: Config, out: Path, *, device: torch.device, resume: bool, progress: bool,
+         on_eval: Callable[[dict], None] | None) -> Result:
+    """The body of :func:`train` (with its arguments normalized)."""
     ckpt_path = out / CHECKPOINT
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RunError(f"run folder {out}: {blocking} exists and is not a folder")
     if resume:
         if not ckpt_path.is_file():
             raise RunError(f"cannot resume: no {CHECKPOINT} in {out}")
+        if not (out / "config.yaml").is_file():
+            raise RunError(f"cannot resume: no config.yaml in {out}")
         stored = yaml.safe_load((out / "config.yaml").read_text())
         _check_resume_config(stored, to_dict(cfg))
         cfg = config_from_dict({**stored, "train": {**stored["train"], "steps": cfg.train.steps},
                                 "device": cfg.device}, str(out / "config.yaml"))
     elif ckpt_path.exists() or (out / METRICS).exists():
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create the run folder {out}: {e.strerror}") from None
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     task = build_task(cfg, device)
@@ -245,8 +299,10 @@ def train(
 
     def record() -> dict | None:
         """Evaluate, append the row to metrics.jsonl and checkpoint; ``None`` (nothing written) if the validation
-        loss is not finite, so that the checkpoint kept is the last good one."""
+        loss is not finite, so that the checkpoint kept is the last good one. An interrupt anywhere in it keeps the
+        last checkpoint (a checkpoint of this step without its row would not resume exactly)."""
         nonlocal window_sum, window_n, busy
+        busy = True
         model.eval()
         row = {
             "step": step,
@@ -255,41 +311,48 @@ def train(
             **evaluate(model, task, val_x, val_y),
         }
         row["baseline"] = task.baseline
+        row["chance_accuracy"] = task.chance_accuracy
         row["w_spectral_norm"] = torch.linalg.matrix_norm(model.rnn.weight_hh_l0.detach().float(), ord=2).item()
         row.update({k: _finite_or_none(float(v)) for k, v in last_stats.items()})  # method diagnostics
         model.train()
         if not math.isfinite(row["val_loss"]):
+            busy = False
             return None
         row = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}  # strict JSON
-        busy = True
         with (out / METRICS).open("a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
         if step % cfg.train.eval_every == 0:  # an end-of-run row off the grid keeps the window (exact resume)
             window_sum, window_n = 0.0, 0
         _save_checkpoint(out, snapshot())
         busy = False
+        if on_eval is not None:
+            on_eval(row)
         return row
 
-    def finish(status: str, message: str = "") -> Result:
-        result = Result(status, step, last_metrics, message, task.note)
+    def finish(status: str, message: str = "", at: int | None = None) -> Result:
+        """Write summary.json; ``at`` is the step it reports (default: the completed steps)."""
+        result = Result(status, step if at is None else at, last_metrics, message, task.note)
         summary = {**asdict(result), "method": cfg.method, "task": cfg.task.name, "device": str(device),
                    "time_s": round(elapsed, 4)}
         _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2,
                                                                                  default=_json_default)))
         return result
 
-    def eval_diverged() -> Result:
-        return finish("diverged", f"diverged at step {step}: non-finite validation loss; "
-                                  f"last good checkpoint kept in {ckpt_path}")
+    def diverged(n: int, what: str) -> Result:
+        """Stop as diverged: the update of iteration ``n`` (counted from 1) was non-finite."""
+        return finish("diverged", f"diverged at step {n}: {what}; last good checkpoint kept in {ckpt_path}", at=n)
 
-    if step == 0 and not resume:
-        row = record()
-        if row is None:
-            return eval_diverged()
-        last_metrics = row
+    def eval_diverged() -> Result:  # the weights after ``step`` updates give a non-finite validation loss
+        return diverged(step, "non-finite validation loss")
+
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, dynamic_ncols=True,
                desc=f"{cfg.method} {cfg.task.name}")
     try:
+        if step == 0 and not resume:
+            row = record()
+            if row is None:
+                return eval_diverged()
+            last_metrics = row
         while step < cfg.train.steps:
             pending = (generator.get_state(), torch.get_rng_state())
             x, y = task.sample(cfg.train.batch_size, generator=generator)
@@ -298,13 +361,13 @@ def train(
             try:
                 loss, last_stats = method.backward(model, x, lambda s, y=y: task.loss(model.read(s), y))
             except FactorizationError as e:
-                return finish("diverged", f"diverged at step {step + 1}: {e}")
+                return diverged(step + 1, str(e))
             grad_sq = sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None)
             loss_value, grad_value = torch.stack([loss.float(), grad_sq.float()]).tolist()  # one host sync
-            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                what = "loss" if not math.isfinite(loss_value) else "gradient"
-                return finish("diverged", f"diverged at step {step + 1}: non-finite {what} ({loss_value:.3g}); "
-                                          f"last good checkpoint kept in {ckpt_path}")
+            if not math.isfinite(loss_value):
+                return diverged(step + 1, f"non-finite loss ({loss_value})")
+            if not math.isfinite(grad_value):
+                return diverged(step + 1, f"non-finite gradient (norm {math.sqrt(grad_value)})")
             busy, pending = True, None
             optimizer.step()
             if device.type == "cuda":
@@ -321,13 +384,14 @@ def train(
                 last_metrics = row
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last_metrics.items()
                                  if k in ("train_loss", "val_loss", "val_accuracy") and v is not None})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not busy:
             if pending is not None:
                 generator.set_state(pending[0])
                 torch.set_rng_state(pending[1])
             _save_checkpoint(out, snapshot())
-        finish("interrupted", f"interrupted at step {step}; resume with --resume")
+        by = " by SIGTERM" if isinstance(e, Terminated) else ""
+        finish("interrupted", f"interrupted{by} at step {step}; resume with --resume")
         raise
     finally:
         bar.close()

@@ -1,4 +1,8 @@
-"""Sequence tasks: pure batch generators on a device, with their loss, metrics and memoryless baseline.
+"""Sequence tasks: pure batch generators on a device, with their loss, metrics, memoryless baseline and chance
+accuracy.
+
+Installed as ``seqtp.tasks`` (the folder ``tasks/`` of the repository, mapped by ``package-dir``); the modules
+import only torch and each other (relatively), nothing else of ``seqtp``.
 
 ``make_task(name, **options)`` builds one from the registry ``TASKS``; every task takes the keyword-only options
 ``seq_len``, ``device``, ``seed`` and ``val_size`` plus its own (see each class).
@@ -8,11 +12,11 @@ from __future__ import annotations
 
 import inspect
 
-from tasks.adding import Adding
-from tasks.base import Task
-from tasks.copying import Copying
-from tasks.mnist import PermutedMNIST, PixelMNIST
-from tasks.temporal_order import TemporalOrder
+from .adding import Adding
+from .base import Task
+from .copying import Copying
+from .mnist import PermutedMNIST, PixelMNIST
+from .temporal_order import TemporalOrder
 
 TASKS: dict[str, type[Task]] = {
     "copying": Copying,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tasks._common import check_device, check_int, validation_generator
-from tasks.base import Task
+from ._common import check_device, check_int, validation_generator
+from .base import Task
 
 VARIANTS = ("le2015", "paper")
 UNIFORM_VARIANCE = 1 / 12  # variance of U[0, 1)

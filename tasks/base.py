@@ -26,6 +26,8 @@ class Task(ABC):
       (for per-step losses, the per-sample loss is the mean over steps).
     - ``metrics(outputs, y)``: a dict of floats (``{"accuracy": ...}`` for classification; may be empty).
     - ``baseline``: the loss of the best memoryless predictor (``None`` where not meaningful).
+    - ``chance_accuracy``: the accuracy (as ``metrics`` measures it) of the best constant guess, which ignores the
+      input (``None`` for regression).
     - ``validation_set()``: a fixed ``(x, y)`` used for every evaluation (same for every method and seed of the
       training run), built deterministically at construction.
 
@@ -44,6 +46,7 @@ class Task(ABC):
     input_size: int
     output_size: int
     baseline: float | None = None
+    chance_accuracy: float | None = None
     note: str = ""
 
     @abstractmethod

@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tasks._common import check_device, check_int, validation_generator
-from tasks.base import Task
+from ._common import check_device, check_int, validation_generator
+from .base import Task
 
 N_SYMBOLS = 8  # symbols are the categories 1..8
 N_RECALL = 10  # symbols to remember
@@ -27,7 +27,8 @@ class Copying(Task):
 
     The loss is the cross-entropy averaged over all steps and the batch. The memoryless baseline predicts blank for the
     first ``T + 10`` steps and a uniform symbol for the last 10: ``10 log(8) / (T + 20)``. ``metrics`` reports the
-    accuracy over the 10 recall steps only, since blanks dominate the other steps.
+    accuracy over the 10 recall steps only, since blanks dominate the other steps; a constant guess scores
+    ``chance_accuracy = 1/8`` there.
     """
 
     name = "copying"
@@ -43,6 +44,7 @@ class Copying(Task):
         self.device = check_device(device)
         self.seq_len = self.delay + 2 * N_RECALL
         self.baseline = N_RECALL * math.log(N_SYMBOLS) / self.seq_len
+        self.chance_accuracy = 1 / N_SYMBOLS  # a fixed symbol at every recall step
         self._val = self.sample(val_size, generator=validation_generator(self.device, seed))
 
     def sample(self, batch_size: int, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,8 @@ Data sources, in order:
 2. The Hugging Face hub's ``ylecun/mnist`` through ``datasets``, when the hub is reachable and not disabled by
    ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE``: 60k train, 10k test as validation.
 3. The offline copy ``../shared/data/mnist``, relative to the working directory, then to the repository root (the
-   parent of the ``tasks`` package), with a warning.
+   folder that holds the folder ``tasks/``, in a checkout), with a ``UserWarning`` (the command line prints it as
+   one line; every output of the run carries the subset's ``note`` too).
 
 Every file is checked against its canonical md5 and its IDX magic number.
 """
@@ -29,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tasks._common import check_device, check_int
-from tasks.base import Task
+from ._common import check_device, check_int
+from .base import Task
 
 MEAN, STD = 0.1307, 0.3081  # of the MNIST training pixels scaled to [0, 1]
 N_PIXELS = 28 * 28
@@ -46,6 +47,7 @@ SUBSET_TRAIN = 8000  # the first 8000 of a fixed permutation of the 10k test spl
 SUBSET_SPLIT_SEED = 0
 OFFLINE_COPY = Path("..") / "shared" / "data" / "mnist"
 HF_OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+DATA_DIR_VARIABLE = "SEQTP_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,14 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(dims)  # [N, 28, 28] or [N]
 
 
-def read_idx_folder(folder: Path) -> MnistData:
-    """MNIST from a folder of IDX gz files: the full splits if all four are there, else the 10k test-split subset."""
+def read_idx_folder(folder: Path, *, origin: str = "task.data_dir") -> MnistData:
+    """MNIST from a folder of IDX gz files: the full splits if all four are there, else the 10k test-split subset.
+
+    ``origin`` names where the folder came from (``task.data_dir`` or ``$SEQTP_DATA_DIR``) in the error for a
+    missing folder.
+    """
     if not folder.is_dir():
-        raise FileNotFoundError(f"MNIST folder {folder} does not exist (set task.data_dir)")
+        raise FileNotFoundError(f"MNIST folder {folder} does not exist (set {origin})")
     names = list(MD5)
     if not any((folder / name).exists() for name in names if name.startswith("train")):
         names = [name for name in names if name.startswith("t10k")]
@@ -124,9 +130,10 @@ def _load_hub() -> MnistData:
 
 def load_mnist(data_dir: str | os.PathLike[str] = "") -> MnistData:
     """MNIST from the first available source (see the module docstring)."""
-    data_dir = str(data_dir) or os.environ.get("SEQTP_DATA_DIR", "")
-    if data_dir:
+    if str(data_dir):
         return read_idx_folder(Path(data_dir))
+    if os.environ.get(DATA_DIR_VARIABLE, ""):
+        return read_idx_folder(Path(os.environ[DATA_DIR_VARIABLE]), origin=f"${DATA_DIR_VARIABLE}")
     if _hub_reachable():
         return _load_hub()
     for folder in (Path.cwd() / OFFLINE_COPY, Path(__file__).resolve().parents[1] / OFFLINE_COPY):
@@ -146,7 +153,8 @@ class PixelMNIST(Task):
     The split is fixed: ``seed`` does not change it. ``note`` is set when the 10k test-split subset is used.
 
     Shapes: ``x`` float ``[B, 784, 1]``; ``y`` long ``[B]``; outputs ``[B, 10]``. The loss is the cross-entropy; the
-    baseline is the entropy of the training label frequencies (the best memoryless predictor predicts them).
+    baseline is the entropy of the training label frequencies (the best memoryless predictor predicts them); the
+    chance accuracy is the frequency of the most frequent training label (the best constant guess, about 1/10).
     """
 
     name = "pixel_mnist"
@@ -175,6 +183,7 @@ class PixelMNIST(Task):
         self._val = (self._normalize(val_images), data.val_labels[:n_val].to(self.device))
         frequencies = torch.bincount(data.train_labels, minlength=self.output_size).double() / self.n_train  # [10]
         self.baseline = -sum(p * math.log(p) for p in frequencies.tolist() if p > 0)
+        self.chance_accuracy = frequencies.max().item()  # always the most frequent training label (about 1/10)
 
     def _flat(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.reshape(len(images), N_PIXELS)  # [N, 28, 28] -> [N, 784]

@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tasks._common import check_device, check_int, validation_generator
-from tasks.base import Task
+from ._common import check_device, check_int, validation_generator
+from .base import Task
 
 # Alphabet (one-hot of size 8): distractors a, b, c, d = 0..3, relevant symbols X = 4 and Y = 5, start marker B = 6,
 # end marker E = 7.
@@ -35,7 +35,8 @@ class TemporalOrder(Task):
     the original's classes Q, R, S, U).
 
     Shapes: ``x`` float one-hot ``[B, T, 8]``; ``y`` long ``[B]``; outputs ``[B, 4]`` or ``[B, 8]``. The loss is the
-    cross-entropy; the memoryless baseline is a uniform guess, ``log(n_classes)``.
+    cross-entropy; the memoryless baseline is a uniform guess, ``log(n_classes)``; a constant guess is right with
+    probability ``chance_accuracy = 1 / n_classes``.
     """
 
     name = "temporal_order"
@@ -55,6 +56,7 @@ class TemporalOrder(Task):
         self.bits = bits
         self.output_size = 2 ** len(WINDOWS[bits])
         self.baseline = math.log(self.output_size)
+        self.chance_accuracy = 1 / self.output_size  # the classes are equally likely
         self._windows = [(seq_len * lo // 10, seq_len * hi // 10 + 1) for lo, hi in WINDOWS[bits]]  # half-open
         self._val = self.sample(val_size, generator=validation_generator(self.device, seed))
 

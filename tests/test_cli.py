@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-import tasks
+import seqtp
 from seqtp import BPTT, TargetProp
 from seqtp.cli import main
 from seqtp.config import config_from_dict, load_config
-from tasks.mnist import SUBSET_NOTE
+from seqtp.tasks import TASKS
+from seqtp.tasks.mnist import SUBSET_NOTE
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -109,13 +113,14 @@ def test_every_config_trains(config: Path, method: str, tmp_path: Path, capsys, 
     # metrics.jsonl: one row per evaluation (step 0, every eval_every steps, the last step).
     metrics = rows(out)
     assert [r["step"] for r in metrics] == sorted({0, *range(eval_every, steps + 1, eval_every), steps})
-    classification = tasks.TASKS[task].kind == "classification"
+    classification = TASKS[task].kind == "classification"
     for row in metrics:
         assert {"step", "time_s", "train_loss", "val_loss"} <= row.keys()
         assert ("val_accuracy" in row) == classification
+        assert (row["chance_accuracy"] is None) == (not classification)
         assert math.isfinite(row["val_loss"]) and row["time_s"] >= 0
         if classification:
-            assert 0 <= row["val_accuracy"] <= 1
+            assert 0 <= row["val_accuracy"] <= 1 and 0 < row["chance_accuracy"] < 1
     assert metrics[0]["train_loss"] is None and metrics[0]["time_s"] == 0
     assert all(isinstance(r["train_loss"], float) and math.isfinite(r["train_loss"]) for r in metrics[1:])
     assert [r["time_s"] for r in metrics] == sorted(r["time_s"] for r in metrics)
@@ -263,7 +268,7 @@ def test_resume_after_crash_equals_straight_run(method: str, where: str, tmp_pat
 
     with monkeypatch.context() as m:
         if where == "sample":
-            interrupt_after(m, tasks.TASKS[RESUME_TASK], "sample", 5)
+            interrupt_after(m, TASKS[RESUME_TASK], "sample", 5)
         elif where == "backward":
             interrupt_after(m, METHOD_CLASSES[method], "backward", 5)
         else:
@@ -435,13 +440,33 @@ def test_divergence_from_a_nan_loss(method: str, tmp_path: Path, capsys, monkeyp
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "diverged at step 4" in lines[0] and "Traceback" not in err
     info = summary(out)
-    assert info["status"] == "diverged" and info["step"] == 3 and "diverged at step 4" in info["message"]
+    assert info["status"] == "diverged" and info["step"] == 4
+    assert "diverged at step 4: non-finite loss (nan)" in lines[0] and lines[0].endswith(info["message"])
     assert info["metrics"]["step"] == 2
     state = checkpoint(out)
     assert state["step"] == 2
     assert_finite_weights(state)
     assert [r["step"] for r in rows(out)] == [0, 2]
     assert "diverged" in next(line for line in stdout.splitlines() if line.startswith(method))
+
+
+def test_divergence_from_a_nan_gradient_reports_its_norm(tmp_path: Path, capsys, monkeypatch) -> None:
+    original = TargetProp.backward
+    calls = {"n": 0}
+
+    def poisoned(self, model, x, loss_fn):
+        calls["n"] += 1
+        loss, stats = original(self, model, x, loss_fn)
+        if calls["n"] == 3:
+            model.rnn.weight_hh_l0.grad[0, 0] = float("inf")
+        return loss, stats
+
+    monkeypatch.setattr(TargetProp, "backward", poisoned)
+    out = tmp_path / "run"
+    code, _, err = train(capsys, config_path("adding"), out, *shrink("adding", steps=6))
+    assert code == 3
+    assert "diverged at step 3: non-finite gradient (norm inf)" in err
+    assert summary(out)["step"] == 3 and checkpoint(out)["step"] == 2
 
 
 @pytest.mark.parametrize(("method", "lr"), [("tp", "1e30"), ("bptt", "1e30")])
@@ -453,7 +478,9 @@ def test_divergence_from_a_huge_learning_rate(method: str, lr: str, tmp_path: Pa
     assert len(err.strip().splitlines()) == 1 and "diverged" in err
     info = summary(out)
     assert info["status"] == "diverged" and info["step"] < 20
+    assert f"diverged at step {info['step']}: " in err and f"diverged at step {info['step']}: " in info["message"]
     state = checkpoint(out)
+    assert state["step"] < info["step"]  # the last good checkpoint is before the iteration that diverged
     assert_finite_weights(state)
     # The kept checkpoint is a good one: its evaluation is finite and it is the last row of metrics.jsonl.
     metrics = rows(out)
@@ -557,3 +584,161 @@ def test_learned_solver_resumes_exactly(tmp_path: Path, capsys) -> None:
     assert train(capsys, config, split, *base, extra=("--resume",))[0] == 0
     assert rows_without_time(split) == rows_without_time(straight)
     assert_same_weights(checkpoint(straight)["model"], checkpoint(split)["model"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# small edges of the command line
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"seqtp {seqtp.__version__}"
+
+
+@pytest.mark.parametrize(("command", "default"), [("train", "runs/<config>-<method>-<time>"),
+                                                  ("compare", "runs/<config>-compare-<time>")])
+def test_help_names_the_default_run_folder(command: str, default: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert f"(default: {default})" in " ".join(capsys.readouterr().out.split())
+
+
+def test_config_without_a_task_is_one_line(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    code, stdout, err = cli(capsys, "train", empty, "--out", tmp_path / "run")
+    assert code == 2 and stdout == ""
+    assert_one_line_error(err, "task.name is required", "temporal_order")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_is_required_without_resume(capsys) -> None:
+    code, _, err = cli(capsys, "train", "--set", "train.steps=2")
+    assert code == 2
+    assert_one_line_error(err, "CONFIG is required", "--resume")
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("below", [False, True])
+def test_out_that_is_a_file_is_one_line(command: str, below: bool, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder\n")
+    out = blocker / "run" if below else blocker
+    code, stdout, err = cli(capsys, command, config_path("adding"), "--out", out, "--set", *shrink("adding", steps=2))
+    assert code == 2 and stdout == ""
+    assert_one_line_error(err, str(blocker))
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_bad_data_dir_variable_is_named(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("SEQTP_DATA_DIR", str(tmp_path / "nowhere"))
+    code, _, err = train(capsys, config_path("pixel_mnist"), tmp_path / "run", *SMALL)
+    assert code == 2
+    assert_one_line_error(err, str(tmp_path / "nowhere"), "$SEQTP_DATA_DIR")
+    assert "task.data_dir" not in err
+
+
+def test_mnist_fallback_prints_one_clean_line(mnist_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("SEQTP_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    code, stdout, err = train(capsys, config_path("pixel_mnist"), out, *SMALL, "train.steps=1", "train.eval_every=1")
+    assert code == 0, err
+    assert err.splitlines() == [f"seqtp: warning: Hugging Face hub unreachable; reading MNIST from the offline copy "
+                                f"{mnist_dir.resolve()}"]
+    assert f"note: {SUBSET_NOTE}" in stdout and summary(out)["note"] == SUBSET_NOTE
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# resume without the config, preemption by SIGTERM
+
+
+def test_resume_without_config_reads_the_run_folder(tmp_path: Path, capsys) -> None:
+    """``train --out RUN --resume`` continues from RUN/config.yaml (all earlier --set values included);
+    ``--set train.steps=N`` still extends it."""
+    config = config_path(RESUME_TASK)
+    base = [*shrink(RESUME_TASK, steps=N, eval_every=2), "tp.reg=3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(capsys, config, straight, *base)[0] == 0
+    assert train(capsys, config, split, *base, f"train.steps={N // 2}")[0] == 0
+    code, _, err = cli(capsys, "train", "--out", split, "--resume", "--set", f"train.steps={N}")
+    assert code == 0, err
+    assert rows_without_time(split) == rows_without_time(straight)
+    assert_same_weights(checkpoint(straight)["model"], checkpoint(split)["model"])
+    assert yaml.safe_load((split / "config.yaml").read_text())["tp"]["reg"] == 3.0
+    code, _, err = cli(capsys, "train", "--out", split, "--resume", "--set", "tp.reg=4")
+    assert code == 2
+    assert_one_line_error(err, "cannot resume", "tp.reg")
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "nothing", "--resume")
+    assert code == 2
+    assert_one_line_error(err, "config.yaml", "nothing")
+
+
+@pytest.mark.parametrize("seeds", [None, "0,1"])
+def test_compare_resume_without_config(seeds: str | None, tmp_path: Path, capsys) -> None:
+    config = config_path(RESUME_TASK)
+    base = shrink(RESUME_TASK, steps=4, eval_every=2)
+    flags = ["--seeds", seeds] if seeds else []
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli(capsys, "compare", config, "--out", straight, *flags, "--set", *base)[0] == 0
+    assert cli(capsys, "compare", config, "--out", split, *flags, "--set", *base, "train.steps=2")[0] == 0
+    code, _, err = cli(capsys, "compare", "--out", split, "--resume", "--set", "train.steps=4")
+    assert code == 0, err
+    folders = ["tp", "bptt"] if seeds is None else [f"{m}/seed_{k}" for m in ("tp", "bptt") for k in (0, 1)]
+    for folder in folders:
+        assert rows_without_time(split / folder) == rows_without_time(straight / folder), folder
+        assert_same_weights(checkpoint(straight / folder)["model"], checkpoint(split / folder)["model"])
+
+
+def test_train_restores_the_sigterm_handler(tmp_path: Path, capsys) -> None:
+    def mine(signum, frame):
+        raise AssertionError("not expected to run")
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert train(capsys, config_path("adding"), tmp_path / "run", *shrink("adding", steps=2))[0] == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "")])
+def test_signal_then_resume_equals_straight_run(sig: int, code: int, said: str, tmp_path: Path, capsys) -> None:
+    """A real signal to ``python -m seqtp train`` in the middle of a long run: it checkpoints, writes summary.json
+    (``interrupted``) and exits 130 / 143; ``--resume`` (no config) to K steps then ends bit for bit where a straight
+    run of K steps ends."""
+    config = config_path(RESUME_TASK)
+    base = shrink(RESUME_TASK, steps=100_000, eval_every=5)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "seqtp", "train", str(config), "--out", str(run), "--set", *base,
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").is_file() and len(rows(run)) >= 3):  # evaluated at steps 0, 5, 10
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    info = summary(run)
+    stopped = checkpoint(run)["step"]
+    assert info["status"] == "interrupted" and 5 <= stopped <= info["step"] < 100_000  # row 10 may lack its checkpoint
+    assert f"interrupted{' by ' + said if said else ''} at step {info['step']}" in info["message"]
+
+    steps = stopped + 7  # off the evaluation grid: the end-of-run row is compared too
+    resumed, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", f"train.steps={steps}")
+    assert resumed == 0, err
+    straight = tmp_path / "straight"
+    assert train(capsys, config, straight, *base, f"train.steps={steps}")[0] == 0
+    assert rows_without_time(run) == rows_without_time(straight)
+    a, b = checkpoint(straight), checkpoint(run)
+    assert a["step"] == b["step"] == steps
+    assert_same_weights(a["model"], b["model"])
+    assert torch.equal(a["generator"], b["generator"]) and torch.equal(a["torch_rng"], b["torch_rng"])
+    assert summary(run)["status"] == "completed"

@@ -23,6 +23,7 @@ from seqtp.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+NAMED = ["task.name=adding"]  # the one key a config must set
 
 
 def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -32,14 +33,46 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 
 
 def test_defaults() -> None:
-    cfg = load_config()
-    assert cfg == Config()
+    cfg = load_config(None, NAMED)
+    assert cfg == Config(task=TaskConfig(name="adding"))
     assert cfg.method == "tp" and cfg.device == "auto" and cfg.seed == 0
-    assert cfg.task == TaskConfig() and cfg.task.name == "adding" and cfg.task.variant is None
-    assert cfg.tp.lr == 0.1 and cfg.tp.mode == "linearized" and cfg.tp.shift_cap is None
-    # BPTTConfig overrides the inherited optimizer defaults.
-    assert (cfg.bptt.lr, cfg.bptt.momentum, cfg.bptt.nesterov) == (1e-5, 0.9, True)
-    assert (TPConfig().momentum, TPConfig().nesterov) == (0.0, False)
+    assert cfg.task.variant is None and Config().task.name is None
+    # TP: the paper code's settings (SGD lr 0.1, target_lr 1e-2, reg 10, linearized, through time, no cap).
+    tp = cfg.tp
+    assert (tp.optimizer, tp.lr, tp.momentum, tp.nesterov) == ("sgd", 0.1, 0.0, False)
+    assert (tp.target_lr, tp.reg, tp.mode, tp.update, tp.shift_cap) == (1e-2, 10.0, "linearized", "through_time", None)
+    # BPTT: SGD lr 1e-2, Nesterov momentum 0.9, clipping at 1.0 (BPTTConfig overrides the inherited optimizer fields).
+    b = cfg.bptt
+    assert (b.optimizer, b.lr, b.momentum, b.nesterov, b.clip, b.truncation) == ("sgd", 1e-2, 0.9, True, 1.0, None)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_use_the_default_methods(path: Path) -> None:
+    """Every shipped config's TP and BPTT sections are the schema's working defaults, with a comment saying what
+    they were tuned on."""
+    cfg = load_config(path)
+    assert cfg.tp == TPConfig() and cfg.bptt == BPTTConfig()
+    comments = [line for line in path.read_text().splitlines() if line.startswith(("tp:", "bptt:"))]
+    assert len(comments) == 2 and all("temporal order T=60" in line for line in comments)
+
+
+def test_the_method_gets_the_config_values() -> None:
+    """The schema's defaults reach the method (the library classes keep their own defaults)."""
+    from seqtp.train import build_method
+
+    tp = build_method(load_config(None, NAMED))
+    assert (tp.reg, tp.target_lr, tp.mode, tp.update, tp.shift_cap) == (10.0, 1e-2, "linearized", "through_time", None)
+    bptt = build_method(load_config(None, [*NAMED, "method=bptt"]))
+    assert (bptt.clip, bptt.truncation) == (1.0, None)
+
+
+@pytest.mark.parametrize("text", ["# nothing\n", "train: {steps: 5}\n", "task: {seq_len: 5}\n", "task: {name: null}\n"])
+def test_task_name_is_required(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match=r"^task\.name is required \(one of copying, adding, ") as info:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"^task\.name is required"):
+        load_config()
 
 
 def test_yaml_values_land_in_the_dataclasses(tmp_path: Path) -> None:
@@ -76,12 +109,12 @@ def test_shipped_configs_load_and_round_trip(path: Path) -> None:
     assert config_from_dict(to_dict(cfg)) == cfg
 
 
-def test_empty_yaml_gives_defaults(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "# nothing\n")) == Config()
+def test_a_task_name_alone_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "task: {name: copying}\n")) == Config(task=TaskConfig(name="copying"))
 
 
 def test_set_overrides_the_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "train: {steps: 50, batch_size: 3}\ntp: {lr: 0.5}\n")
+    path = write(tmp_path, "task: {name: adding}\ntrain: {steps: 50, batch_size: 3}\ntp: {lr: 0.5}\n")
     cfg = load_config(path, ["train.steps=9", "tp.lr=1e-3", "tp.nesterov=true", "method=bptt"])
     assert cfg.train.steps == 9 and cfg.train.batch_size == 3  # a sibling of an overridden key is kept
     assert cfg.tp.lr == 1e-3 and cfg.tp.nesterov is True and cfg.method == "bptt"
@@ -106,43 +139,44 @@ def test_parse_overrides() -> None:
 @pytest.mark.parametrize("value", ["abc", "1.5", "true", "null", "[1, 2]"])
 def test_int_field_rejects_non_integers(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^train\.steps: expected int"):
-        load_config(None, [f"train.steps={value}"])
+        load_config(None, [*NAMED, f"train.steps={value}"])
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1e-3", 1e-3), ("3", 3.0), ("2.5", 2.5), ("1.0e-5", 1e-5)])
 def test_float_field_accepts_numbers(value: str, expected: float) -> None:
-    cfg = load_config(None, [f"tp.lr={value}"])
+    cfg = load_config(None, [*NAMED, f"tp.lr={value}"])
     assert cfg.tp.lr == expected and type(cfg.tp.lr) is float
 
 
 @pytest.mark.parametrize("value", ["abc", "true", "null", "[1]", "inf", "nan", "-.inf"])
 def test_float_field_rejects_non_numbers(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^tp\.lr: expected float"):
-        load_config(None, [f"tp.lr={value}"])
+        load_config(None, [*NAMED, f"tp.lr={value}"])
 
 
 def test_bool_field() -> None:
-    assert load_config(None, ["tp.nesterov=true"]).tp.nesterov is True
-    assert load_config(None, ["bptt.nesterov=false"]).bptt.nesterov is False
+    assert load_config(None, [*NAMED, "tp.nesterov=true"]).tp.nesterov is True
+    assert load_config(None, [*NAMED, "bptt.nesterov=false"]).bptt.nesterov is False
     for value in ("1", "0", "maybe", "null"):
         with pytest.raises(ConfigError, match=r"^bptt\.nesterov: expected bool"):
-            load_config(None, [f"bptt.nesterov={value}"])
+            load_config(None, [*NAMED, f"bptt.nesterov={value}"])
 
 
 def test_str_field_rejects_numbers() -> None:
     with pytest.raises(ConfigError, match=r"^task\.name: expected str"):
-        load_config(None, ["task.name=3"])
+        load_config(None, [*NAMED, "task.name=3"])
 
 
 def test_optional_fields_accept_null_and_their_type() -> None:
-    cfg = load_config(None, ["bptt.clip=2", "bptt.truncation=5", "tp.shift_cap=0.5", "task.variant=paper"])
+    cfg = load_config(None, [*NAMED, "bptt.clip=2", "bptt.truncation=5", "tp.shift_cap=0.5", "task.variant=paper"])
     assert (cfg.bptt.clip, cfg.bptt.truncation, cfg.tp.shift_cap, cfg.task.variant) == (2.0, 5, 0.5, "paper")
-    cfg = load_config(None, ["bptt.clip=null", "bptt.truncation=null", "tp.shift_cap=null", "task.variant=null"])
+    nulls = ["bptt.clip=null", "bptt.truncation=null", "tp.shift_cap=null", "task.variant=null"]
+    cfg = load_config(None, [*NAMED, *nulls])
     assert (cfg.bptt.clip, cfg.bptt.truncation, cfg.tp.shift_cap, cfg.task.variant) == (None, None, None, None)
     with pytest.raises(ConfigError, match=r"^bptt\.truncation: expected int"):
-        load_config(None, ["bptt.truncation=2.5"])
+        load_config(None, [*NAMED, "bptt.truncation=2.5"])
     with pytest.raises(ConfigError, match=r"^bptt\.clip: expected float"):
-        load_config(None, ["bptt.clip=abc"])
+        load_config(None, [*NAMED, "bptt.clip=abc"])
 
 
 @pytest.mark.parametrize(
@@ -156,7 +190,7 @@ def test_optional_fields_accept_null_and_their_type() -> None:
 )
 def test_unknown_key_in_set(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, overrides)
+        load_config(None, [*NAMED, *overrides])
     assert f"'{key}'" in str(info.value) or str(info.value).startswith(f"{key}:")
     assert "\n" not in str(info.value)
 
@@ -216,7 +250,7 @@ def test_section_must_be_a_mapping(tmp_path: Path) -> None:
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, [*NAMED, override])
     message = str(info.value)
     assert message.startswith(f"{key} "), message
     assert "\n" not in message
@@ -224,7 +258,7 @@ def test_bad_values_name_the_key(override: str, key: str) -> None:
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
 def test_good_devices(device: str) -> None:
-    assert load_config(None, [f"device={device}"]).device == device
+    assert load_config(None, [*NAMED, f"device={device}"]).device == device
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
@@ -250,21 +284,23 @@ def test_config_error_is_a_value_error() -> None:
 
 
 def test_dataclasses_are_frozen() -> None:
-    cfg = load_config()
+    cfg = load_config(None, NAMED)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.steps = 3  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.tp.lr = 3.0  # type: ignore[misc]
-    assert cfg == Config()
+    assert cfg == Config(task=TaskConfig(name="adding"))
 
 
 def test_config_from_dict_checks_too() -> None:
-    data = to_dict(Config())
+    data = to_dict(Config(task=TaskConfig(name="adding")))
     data["train"]["steps"] = -1
     with pytest.raises(ConfigError, match=r"^train\.steps "):
         config_from_dict(data)
+    with pytest.raises(ConfigError, match=r"^task\.name is required"):
+        config_from_dict(to_dict(Config()))
     data = to_dict(Config())
     data["model"]["depth"] = 2
     with pytest.raises(ConfigError, match=r"unknown key 'model\.depth'"):
@@ -284,10 +320,27 @@ def test_config_from_dict_checks_too() -> None:
     ],
 )
 def test_cell_and_solver_options_are_checked(overrides: list[str], fragment: str) -> None:
-    with pytest.raises(ConfigError, match=fragment):
-        load_config(None, overrides)
+    with pytest.raises(ConfigError, match=fragment) as info:
+        load_config(None, [*NAMED, *overrides])
+    assert str(info.value).count("got") <= 1, info.value
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.cell=gru", "tp.solver=analytic"], "tp.solver=analytic needs model.cell=elman, got model.cell=gru"),
+        (["model.cell=lstm", "model.nonlinearity=relu"],
+         "model.nonlinearity=relu applies to elman cells only, got model.cell=lstm"),
+        (["task.name=sorting"], "task.name must be one of copying, adding, pixel_mnist, permuted_mnist, "
+                                "temporal_order, got 'sorting'"),
+    ],
+)
+def test_cross_key_messages(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*NAMED, *overrides])
+    assert str(info.value) == message
 
 
 def test_solver_options_load() -> None:
-    cfg = load_config(None, ["model.cell=gru", "tp.solver=gauss_newton", "tp.space=output", "tp.tol=1e-5"])
+    cfg = load_config(None, [*NAMED, "model.cell=gru", "tp.solver=gauss_newton", "tp.space=output", "tp.tol=1e-5"])
     assert (cfg.model.cell, cfg.tp.solver, cfg.tp.space, cfg.tp.tol) == ("gru", "gauss_newton", "output", 1e-5)

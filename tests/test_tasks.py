@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import math
 import shutil
 import struct
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import tasks.mnist
-from tasks import TASKS, Task, make_task
-from tasks.mnist import MEAN, STD, SUBSET_NOTE, PermutedMNIST, PixelMNIST, load_mnist, read_idx
+import seqtp.tasks.mnist as mnist_module
+from seqtp.tasks import TASKS, Task, make_task
+from seqtp.tasks.mnist import MEAN, STD, SUBSET_NOTE, PermutedMNIST, PixelMNIST, load_mnist, read_idx
 
 SYNTHETIC = [
     ("copying", {"seq_len": 7}),
@@ -244,11 +247,11 @@ def test_full_split_and_magic_number(mnist_dir, tmp_path, monkeypatch) -> None:
         "train-images-idx3-ubyte.gz": write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, 2051),
         "train-labels-idx1-ubyte.gz": write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels, 2049),
     }
-    monkeypatch.setattr(tasks.mnist, "MD5", {**tasks.mnist.MD5, **md5})
+    monkeypatch.setattr(mnist_module, "MD5", {**mnist_module.MD5, **md5})
     data = load_mnist(tmp_path)
     assert data.note == "" and torch.equal(data.train_images, images) and data.val_images.shape == (10000, 28, 28)
     md5["train-labels-idx1-ubyte.gz"] = write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels, 2051)
-    monkeypatch.setattr(tasks.mnist, "MD5", {**tasks.mnist.MD5, **md5})
+    monkeypatch.setattr(mnist_module, "MD5", {**mnist_module.MD5, **md5})
     with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz has IDX magic number 2051, expected 2049"):
         load_mnist(tmp_path)
 
@@ -281,7 +284,7 @@ def test_offline_fallback(mnist_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # not found from the working directory: found from the repository root
     with pytest.warns(UserWarning, match="offline copy"):
         assert load_mnist().note == SUBSET_NOTE
-    monkeypatch.setattr(tasks.mnist, "OFFLINE_COPY", tmp_path / "absent")
+    monkeypatch.setattr(mnist_module, "OFFLINE_COPY", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="set task.data_dir"):
         load_mnist()
 
@@ -293,8 +296,85 @@ def test_hub_images_are_converted(monkeypatch) -> None:
              "label": [3, 1, 4, 1, 5, 9]}  # fmt: skip
     fake = types.SimpleNamespace(load_dataset=lambda name: {"train": split, "test": split})
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.setattr(tasks.mnist, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(mnist_module, "_hub_reachable", lambda: True)
     monkeypatch.delenv("SEQTP_DATA_DIR", raising=False)
     data = load_mnist()
     assert torch.equal(data.train_images, images) and torch.equal(data.val_labels, torch.tensor([3, 1, 4, 1, 5, 9]))
     assert data.note == ""
+
+
+def test_missing_folder_names_its_origin(tmp_path, monkeypatch) -> None:
+    """A missing folder from ``task.data_dir`` says to set that key; one from ``$SEQTP_DATA_DIR`` names the variable."""
+    nowhere = tmp_path / "nowhere"
+    monkeypatch.setenv("SEQTP_DATA_DIR", str(nowhere))
+    with pytest.raises(FileNotFoundError, match=r"nowhere does not exist \(set \$SEQTP_DATA_DIR\)$"):
+        load_mnist()
+    with pytest.raises(FileNotFoundError, match=r"elsewhere does not exist \(set task.data_dir\)$"):
+        load_mnist(tmp_path / "elsewhere")  # data_dir wins over the variable
+
+
+# chance accuracy
+
+
+@pytest.mark.parametrize(("name", "options"), SYNTHETIC, ids=IDS)
+def test_chance_accuracy_is_the_best_constant_guess(name: str, options: dict) -> None:
+    """Against the accuracy ``metrics`` gives every constant prediction on a large sample (None for regression)."""
+    task = build(name, options)
+    if task.kind == "regression":
+        assert task.chance_accuracy is None
+        return
+    _, y = draw(task, 20_000, 0)
+    shape = (*y.shape, task.output_size)  # [B, C] or [B, T, C]
+    accuracies = [task.metrics(F.one_hot(torch.full(y.shape, c), task.output_size).float().expand(shape), y)
+                  ["accuracy"] for c in range(task.output_size)]
+    assert task.chance_accuracy == pytest.approx(max(accuracies), rel=0.05)
+    assert 0 < task.chance_accuracy < 1
+
+
+def test_mnist_chance_accuracy(mnist_dir) -> None:
+    task = PixelMNIST(seq_len=784, device="cpu", seed=0, data_dir=str(mnist_dir))
+    labels = task._train_labels
+    assert task.chance_accuracy == pytest.approx(torch.bincount(labels).max().item() / len(labels))
+    assert task.chance_accuracy == pytest.approx(0.1, abs=0.02)
+
+
+# the package seqtp.tasks
+
+
+TASKS_FOLDER = Path(__file__).resolve().parents[1] / "tasks"
+
+
+@pytest.mark.parametrize("path", sorted(TASKS_FOLDER.glob("*.py")), ids=lambda p: p.name)
+def test_tasks_import_nothing_of_the_library(path: Path) -> None:
+    """The task modules import torch, the standard library and each other (relatively), not the rest of seqtp."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            assert not any(a.name.split(".")[0] in ("seqtp", "tasks") for a in node.names), ast.unparse(node)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level in (0, 1), ast.unparse(node)
+            if node.level == 0:
+                top = node.module.split(".")[0]
+                assert top not in ("tasks", "seqtp") or node.module.startswith("seqtp.tasks"), ast.unparse(node)
+
+
+def test_installed_as_seqtp_tasks(tmp_path: Path) -> None:
+    """Outside the checkout, the installed seqtp holds the tasks as ``seqtp.tasks`` and installs no top-level
+    ``tasks``."""
+    code = ("import importlib.util, seqtp.tasks, seqtp.tasks.mnist; "
+            "print(importlib.util.find_spec('tasks')); print(sorted(seqtp.tasks.TASKS))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["None", str(sorted(TASKS))]
+
+
+def test_source_checkout_without_install(tmp_path: Path) -> None:
+    """``PYTHONPATH=<repo>`` with no installed seqtp (the editable finder removed): ``seqtp.tasks`` is still the
+    folder ``tasks/``, and the training loop imports."""
+    repo = TASKS_FOLDER.parent
+    code = (f"import sys; sys.path.insert(0, {str(repo)!r}); "
+            "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
+            "import seqtp.train, seqtp.tasks.mnist as m; "
+            "print(m.__file__); print(seqtp.train.TASKS is seqtp.tasks.TASKS)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(TASKS_FOLDER / "mnist.py"), "True"]
