@@ -1,4 +1,4 @@
-"""The README's library example runs as written."""
+"""The README's examples run as written; its first commands, links and config paths are the ones that exist."""
 
 import re
 from pathlib import Path
@@ -26,3 +26,30 @@ def test_readme_library_example_runs():
     targets, states = namespace["targets"], namespace["states"]
     assert targets.shape == states.shape and targets.dtype == torch.float64
     assert all(p.grad is not None for p in namespace["model"].parameters())
+
+
+DOCS = [README, *(README.parent / "docs" / name for name in ("performance.md", "development.md", "results/README.md"))]
+
+
+def test_readme_opens_with_install_then_tests():
+    text = README.read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S)
+    assert first_block, "README has no bash block"
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
+    commands = [c for c in commands if c]
+    assert commands[:2] == ["pip install -e . && seqtp compare configs/temporal_order.yaml", "python -m pytest -q"]
+    cpu_advice = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    assert cpu_advice in text[: first_block.end()], "the CPU-torch advice must come before (or in) the first block"
+
+
+def test_docs_links_and_configs_exist():
+    root = README.parent
+    for doc in DOCS:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target:
+                continue
+            path = target.split("#")[0]
+            assert not path or (doc.parent / path).exists(), f"{doc.name}: broken link {target}"
+        for config in set(re.findall(r"configs/[\w/]+\.yaml", text)):
+            assert (root / config).is_file(), f"{doc.name}: no {config}"
