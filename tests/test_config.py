@@ -37,9 +37,9 @@ def test_defaults() -> None:
     assert cfg == Config(task=TaskConfig(name="adding"))
     assert cfg.method == "tp" and cfg.device == "auto" and cfg.seed == 0
     assert cfg.task.variant is None and Config().task.name is None
-    # TP: the paper code's settings (SGD lr 0.1, target_lr 1e-2, reg 10, linearized, through time, no cap).
+    # TP: the paper code's settings (target_lr 1e-2, reg 10, linearized, through time, no cap) at SGD lr 0.05.
     tp = cfg.tp
-    assert (tp.optimizer, tp.lr, tp.momentum, tp.nesterov) == ("sgd", 0.1, 0.0, False)
+    assert (tp.optimizer, tp.lr, tp.momentum, tp.nesterov) == ("sgd", 0.05, 0.0, False)
     assert (tp.target_lr, tp.reg, tp.mode, tp.update, tp.shift_cap) == (1e-2, 10.0, "linearized", "through_time", None)
     # BPTT: SGD lr 1e-2, Nesterov momentum 0.9, clipping at 1.0 (BPTTConfig overrides the inherited optimizer fields).
     b = cfg.bptt
