@@ -14,6 +14,7 @@ Public API (everything else is private and may change):
 """
 
 from . import _source_tree
+from ._alignment import alignment
 from ._cells import CELLS, Cell, elman_params, make_cell
 from ._gauss_newton import GaussNewtonInverse
 from ._inverse import ElmanInverse, FactorizationError
@@ -40,6 +41,7 @@ __all__ = [
     "Method",
     "RNNModel",
     "TargetProp",
+    "alignment",
     "elman_params",
     "local_update_grads",
     "make_cell",

@@ -28,11 +28,32 @@ class Method(ABC):
     ``loss.backward()``), so that any ``torch.optim`` optimizer can then step.
 
     It returns ``(loss, stats)``: the detached scalar loss and a dict of detached diagnostic tensors (no host sync).
+
+    Optional ability: a method whose update fits the states to targets sets the class attribute ``has_targets =
+    True`` and implements :meth:`targets` (the targets its ``backward`` would fit on the same batch, for
+    :func:`seqtp.alignment`); callers test ``has_targets``, not ``hasattr``.
     """
+
+    has_targets: bool = False
 
     @abstractmethod
     def backward(self, model: RNNModel, x: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
         """Fill ``.grad`` for one batch; see the class docstring."""
+
+    def targets(self, model: RNNModel, x: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state targets of :meth:`backward` on this batch, without writing any ``.grad``.
+
+        Args:
+            model, x, loss_fn: as in :meth:`backward`.
+
+        Returns:
+            ``(states, deltas)``, ``[B, T, S]`` each: the forward states ``s_1 .. s_T`` and the shifts ``delta_t =
+            v_t - s_t`` of the targets ``v_t``.
+
+        Raises:
+            NotImplementedError: the method has no targets (``has_targets`` is ``False``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no state targets")
 
     def state_dict(self) -> dict:
         """State to checkpoint (e.g. a learned inverse's weights); empty for stateless methods."""
@@ -216,22 +237,55 @@ class TargetProp(Method):
             else:  # loaded at the first backward, once the solver exists
                 self._pending_state = state
 
-    def backward(self, model, x, loss_fn):
-        through_time = self.update == "through_time"
-        with torch.set_grad_enabled(through_time):
+    has_targets = True
+
+    def targets(self, model, x, loss_fn):
+        """Steps 1-3 of :meth:`backward` (the learned inverse's ``fit`` step included: it changes the solver's
+        state, as :meth:`backward` does), without writing any ``.grad``; see :meth:`Method.targets`.
+
+        Returns:
+            ``(states, deltas)`` ``[B, T, S]`` each, ``v_t = s_t + delta_t``.
+
+        Raises:
+            ValueError: ``loss_fn(states)`` does not depend on the states. seqtp.FactorizationError: as
+            :func:`seqtp.propagate_targets`.
+        """
+        with torch.enable_grad():
+            _, _, cell, states, direct = self._direct_shifts(model, x, loss_fn, graph=False, readout_grad=False)
+        solver = self._fit_and_bind(cell, x, states, {})
+        return states, solver.propagate(direct, mode=self.mode, shift_cap=self.shift_cap)
+
+    def _direct_shifts(
+        self, model, x: torch.Tensor, loss_fn: LossFn, *, graph: bool, readout_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, Cell, torch.Tensor, torch.Tensor]:
+        """Steps 1-2: the forward pass (with its graph when ``graph``), the loss and the direct shifts ``dhat``.
+
+        With ``readout_grad`` the loss is back-propagated into the readout's ``.grad`` too (one backward pass gives
+        ``dL/dh_t`` and the readout's gradient); otherwise only ``dL/dh_t`` is computed.
+
+        Returns:
+            ``(hidden [B, T, H], loss, cell, states [B, T, S], direct [B, T, S])``.
+        """
+        with torch.set_grad_enabled(graph):
             hidden = hidden_states(model, x)  # [B, T, H]
         leaf = hidden.detach().requires_grad_()
         loss = loss_fn(leaf)
-        loss.backward()  # readout .grad, and dL/dh_t in leaf.grad
-        if leaf.grad is None:
+        if readout_grad:
+            loss.backward()  # readout .grad, and dL/dh_t in leaf.grad
+            dl_dh, leaf.grad = leaf.grad, None
+        else:
+            (dl_dh,) = torch.autograd.grad(loss, leaf, allow_unused=True)  # [B, T, H]
+        if dl_dh is None:
             raise ValueError("loss_fn(states) does not depend on the states: nothing to propagate")
         cell = make_cell(model)
-        direct_h = leaf.grad.mul_(-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -gamma_h * dl_i/dh_t, in place
-        leaf.grad = None
+        direct_h = dl_dh.mul_(-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -gamma_h * dl_i/dh_t, in place
         states, direct = complete_states(cell, x, leaf.detach(), direct_h)  # [B, T, S] each
-        del direct_h
+        return hidden, loss, cell, states, direct
+
+    def _fit_and_bind(self, cell: Cell, x: torch.Tensor, states: torch.Tensor, stats: dict) -> InverseSolver:
+        """The solver, after the learned inverse's training step (TPTT order; its loss into ``stats``), bound to
+        this batch."""
         solver = self.solver_for(cell)
-        stats = {}
         if hasattr(solver, "fit"):
             if self._pending_state is not None:
                 solver.bind(cell, x, states)  # creates the feedback weights, then restores them
@@ -239,29 +293,49 @@ class TargetProp(Method):
                 self._pending_state = None
             stats["feedback_loss"] = torch.as_tensor(solver.fit(cell, x, states))
         solver.bind(cell, x, states)
+        return solver
+
+    def backward(self, model, x, loss_fn):
+        through_time = self.update == "through_time"
+        hidden, loss, cell, states, direct = self._direct_shifts(model, x, loss_fn, graph=through_time,
+                                                                 readout_grad=True)
+        stats = {}
+        solver = self._fit_and_bind(cell, x, states, stats)
         seq_len = states.shape[1]
         steps = [0, seq_len // 2, seq_len - 1]  # the steps whose mean shift norm is reported
         fused = None
         if self.update == "local" and isinstance(solver, AnalyticInverse) and solver.fuse_local_update:
             fused = solver.propagate_local_update(direct, mode=self.mode, shift_cap=self.shift_cap)
         if fused is not None:  # the kernel accumulated the local update; delta itself never exists
-            g_ih, g_hh, g_b, row_norms = fused  # [H, D], [H, H], [H], [B, T]
+            deltas, local_grads, row_norms = None, fused[:3], fused[3]  # [H, D], [H, H], [H]; [B, T]
             del direct
             norms = row_norms[:, steps].mean(dim=0)  # [3]
         else:
-            deltas = solver.propagate(direct, mode=self.mode, shift_cap=self.shift_cap)  # [B, T, S]
+            deltas, local_grads = solver.propagate(direct, mode=self.mode, shift_cap=self.shift_cap), None  # [B, T, S]
             del direct  # memory: the peak is states + deltas + one [B, T, S] temporary
             norms = deltas[:, steps].norm(dim=-1).mean(dim=0)  # [3]: three steps, not all T
         stats.update({"shift_first": norms[0], "shift_mid": norms[1], "shift_last": norms[2]})
         stats.update({f"solver_{k}": torch.as_tensor(v) for k, v in solver.report().items()})
-        if through_time:
+        self._update(model, x, hidden, cell, states, deltas, local_grads)
+        return loss.detach(), stats
+
+    def _update(self, model, x: torch.Tensor, hidden: torch.Tensor, cell: Cell, states: torch.Tensor,
+                deltas: torch.Tensor | None, local_grads: tuple | None) -> None:
+        """Step 4: accumulate the RNN's gradient of the update loss into ``.grad``.
+
+        Args:
+            hidden: the forward outputs ``[B, T, H]`` (with their graph for ``through_time``); states, deltas:
+                ``[B, T, S]`` (``deltas`` ``None`` when the fused kernel gave ``local_grads`` = ``(dU, dW, db)``).
+        """
+        if self.update == "through_time":
             graph_cell = make_cell(model, detach=False)
             full = graph_cell.full_states(x, hidden)  # [B, T, S] with the graph
             (0.5 * (full - (states + deltas)).square().sum(dim=(1, 2)).mean()).backward()
         elif cell.kind == "elman":  # closed form, no autograd
             rnn = getattr(model, "rnn", model)
-            if fused is None:
-                g_ih, g_hh, g_b = local_update_grads(cell.elman_params(), x, states, deltas)
+            if local_grads is None:
+                local_grads = local_update_grads(cell.elman_params(), x, states, deltas)
+            g_ih, g_hh, g_b = local_grads
             pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
             if rnn.bias:
                 pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
@@ -269,7 +343,6 @@ class TargetProp(Method):
                 _accumulate(p, g)
         else:
             local_update_loss(make_cell(model, detach=False), x, states, states + deltas).backward()
-        return loss.detach(), stats
 
 
 def tp_backward(

@@ -100,6 +100,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 20
     eval_every: int = 100
+    alignment_every: int = 0  # at evaluations whose step is a multiple of this: the update vs BPTT (0 = off)
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,8 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "batch_size", "eval_every"):
         value = getattr(cfg.train, name)
         _check(value >= 1, f"train.{name}", "must be >= 1", value)
+    _check(cfg.train.alignment_every >= 0, "train.alignment_every", "must be >= 0 (0 = off)",
+           cfg.train.alignment_every)
     for section in METHOD_NAMES:
         m = getattr(cfg, section)
         _one_of(m.optimizer, ("sgd", "adam"), f"{section}.optimizer")

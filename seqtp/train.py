@@ -30,6 +30,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ._alignment import alignment
 from ._inverse import FactorizationError
 from ._methods import METHODS, Method
 from ._model import RNNModel
@@ -173,6 +174,21 @@ def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def alignment_row(model: RNNModel, method: Method, task: Task, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The metrics-row entries of :func:`seqtp.alignment` on the batch ``(x, y)``: ``align_<key>`` for each scalar
+    (``align_cosine``, ``align_norm_ratio``, ``align_cosine/<parameter>``, ...) and a list of ``T`` floats for each
+    per-step profile (``align_step_cosine``, ``align_step_shift_norm``, ``align_step_adjoint_norm``; ``None`` for a
+    non-finite entry). The model, its ``.grad``, the method's state and the random state are left as they were."""
+    values = alignment(model, x, lambda s: task.loss(model.read(s), y), method)
+    row = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            row[f"align_{key}"] = [_finite_or_none(v) for v in value.tolist()]
+        else:
+            row[f"align_{key}"] = _finite_or_none(float(value))
+    return row
+
+
 def _check_resume_config(old: dict, new: dict, prefix: str = "") -> None:
     """Resuming may change ``train.steps`` (and ``device``); any other difference is an error naming the key."""
     for key in sorted(set(old) | set(new)):
@@ -255,6 +271,7 @@ def _run(cfg: Config, out: Path, *, device: torch.device, resume: bool, progress
     optimizer = build_optimizer(cfg, model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # tasks seed validation differently
     val_x, val_y = task.validation_set()
+    align_x, align_y = val_x[: cfg.train.batch_size], val_y[: cfg.train.batch_size]  # a fixed batch: no RNG drawn
 
     step, elapsed, window_sum, window_n = 0, 0.0, 0.0, 0
     last_metrics: dict = {}
@@ -314,6 +331,8 @@ def _run(cfg: Config, out: Path, *, device: torch.device, resume: bool, progress
         row["chance_accuracy"] = task.chance_accuracy
         row["w_spectral_norm"] = torch.linalg.matrix_norm(model.rnn.weight_hh_l0.detach().float(), ord=2).item()
         row.update({k: _finite_or_none(float(v)) for k, v in last_stats.items()})  # method diagnostics
+        if cfg.train.alignment_every and step % cfg.train.alignment_every == 0:
+            row.update(alignment_row(model, method, task, align_x, align_y))
         model.train()
         if not math.isfinite(row["val_loss"]):
             busy = False
