@@ -16,6 +16,7 @@ Public API (everything else is private and may change):
 from . import _source_tree
 from ._alignment import alignment
 from ._cells import CELLS, Cell, elman_params, make_cell
+from ._dense import DenseInverse
 from ._gauss_newton import GaussNewtonInverse
 from ._inverse import ElmanInverse, FactorizationError
 from ._iterated import IteratedInverse
@@ -32,6 +33,7 @@ __all__ = [
     "SOLVERS",
     "AnalyticInverse",
     "Cell",
+    "DenseInverse",
     "ElmanInverse",
     "FactorizationError",
     "GaussNewtonInverse",

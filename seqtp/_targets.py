@@ -18,31 +18,48 @@ import inspect
 import torch
 
 from ._cells import Cell, make_cell
+from ._dense import DenseInverse
 from ._gauss_newton import GaussNewtonInverse
 from ._iterated import IteratedInverse
 from ._learned import LearnedInverse
 from ._solvers import MODES, AnalyticInverse, InverseSolver, cap_shift, check_mode
 
-__all__ = ["MODES", "SOLVERS", "cap_shift", "check_mode", "complete_states", "make_solver", "propagate_targets"]
+__all__ = ["DENSE_MAX_STATE", "MODES", "SOLVERS", "auto_solver_name", "cap_shift", "check_mode", "complete_states",
+           "make_solver", "propagate_targets"]
 
 SOLVERS: dict[str, type[InverseSolver]] = {
     "analytic": AnalyticInverse,
+    "dense": DenseInverse,
     "gauss_newton": GaussNewtonInverse,
     "iterated": IteratedInverse,
     "learned": LearnedInverse,
 }
 
 
+DENSE_MAX_STATE = 64
+"""``solver="auto"`` picks ``dense`` for GRU/LSTM cells with a state size ``S <= DENSE_MAX_STATE``, else
+``gauss_newton``: the dense solver's work per row and step grows as ``S^3``, Gauss-Newton-CG's as ``S^2`` per CG
+iteration (timings in ``docs/results/gru_lstm.md``); the dense solver's memory is bounded by chunking (see
+:class:`~seqtp._dense.DenseInverse`)."""
+
+
+def auto_solver_name(cell: Cell) -> str:
+    """The solver ``"auto"`` stands for: ``analytic`` for Elman cells; for other cells ``dense`` when the state size
+    is at most :data:`DENSE_MAX_STATE`, else ``gauss_newton``."""
+    if cell.output_nonlinearity is not None:
+        return "analytic"
+    return "dense" if cell.state_size <= DENSE_MAX_STATE else "gauss_newton"
+
+
 def make_solver(name: str, *, cell: Cell, reg: float, eps: float | None = None, **options) -> InverseSolver:
-    """The solver ``name`` (a key of :data:`SOLVERS`, or ``"auto"``: ``analytic`` for Elman cells, else
-    ``gauss_newton``) built with ``reg``, the ``atanh`` clamp ``eps`` (for the solvers that take it) and its own
-    keyword ``options``.
+    """The solver ``name`` (a key of :data:`SOLVERS`, or ``"auto"``: see :func:`auto_solver_name`) built with
+    ``reg``, the ``atanh`` clamp ``eps`` (for the solvers that take it) and its own keyword ``options``.
 
     Raises:
         ValueError: unknown name, or an option the solver does not take (one line naming it).
     """
     if name == "auto":
-        name = "analytic" if cell.output_nonlinearity is not None else "gauss_newton"
+        name = auto_solver_name(cell)
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose from auto, {', '.join(SOLVERS)}")
     cls = SOLVERS[name]
@@ -108,7 +125,8 @@ def propagate_targets(
         eps: the clamp margin of ``atanh`` for tanh cells (analytic solver).
         shift_cap: if given, every ``delta_t`` is rescaled per sample so that ``|delta_t| <= shift_cap * |s_t|``
             before it is propagated further (a safeguard against geometric growth; ``None`` = off).
-        solver: a name of :data:`SOLVERS` or ``"auto"`` (analytic for Elman, Gauss-Newton otherwise), or an
+        solver: a name of :data:`SOLVERS` or ``"auto"`` (analytic for Elman, else dense or Gauss-Newton by the
+            state size, :func:`auto_solver_name`), or an
             :class:`~seqtp._solvers.InverseSolver` instance (then ``reg`` and ``eps`` are its own).
 
     Returns:

@@ -21,12 +21,20 @@ Variants (names for ``bench(variants=...)`` and ``--variants``):
   kernel; the exact rule as the difference rule on corrected direct shifts), ``triton_fused`` (the kernel also
   accumulates the local update's gradients, ``fuse_local_update=True``) and ``cuda_graph``.
 
+Cells (``bench(cells=...)``, ``--cell``): ``elman`` (default; ``torch.nn.RNN``), ``gru`` and ``lstm``
+(``torch.nn.GRU`` / ``torch.nn.LSTM`` inside :class:`seqtp.RNNModel`). For GRU and LSTM, the ``tp-{mode}-{update}``
+variants run ``solver="auto"`` (:func:`seqtp._targets.auto_solver_name`: the dense inverse for moderate state
+sizes, else Gauss-Newton-CG), and the Elman-only variants (the naive loop, the CUDA backends) are left out. Each row
+names its ``cell`` and TP ``solver`` (``None`` for BPTT); BPTT runs on every cell, and each TP row's ratios are to the
+BPTT row of the same cell and shape.
+
 The command line (``seqtp bench``) is :func:`add_arguments` + :func:`run_from_args`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import operator
 import os
@@ -40,11 +48,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._cells import activation, inverse_activation_grad
+from ._cells import activation, inverse_activation_grad, make_cell
 from ._inverse import FactorizationError
 from ._methods import BPTT, UPDATES, Method, TargetProp
-from ._model import RNNModel
-from ._targets import MODES
+from ._model import CELL_KINDS, RNNModel
+from ._targets import MODES, auto_solver_name
 
 Shape = tuple[int, int, int, int]  # (batch B, seq_len T, hidden H, input D)
 
@@ -59,7 +67,7 @@ REG = 1.0
 TARGET_LR = 0.1
 LR = 1e-3  # SGD learning rate: small, so repeated steps on the same batch stay finite
 ROW_KEYS = (
-    "method", "mode", "update", "backend", "batch", "seq_len", "hidden", "input",
+    "method", "mode", "update", "backend", "cell", "solver", "batch", "seq_len", "hidden", "input",
     "median_ms", "min_ms", "max_ms", "peak_mem_mb",
 )  # fmt: skip
 
@@ -167,13 +175,37 @@ class _NaiveTargetProp(Method):
         return loss.detach(), {}
 
 
-def _make_method(spec: dict) -> Method:
+def _make_method(spec: dict, cell: str = "elman") -> Method:
     if spec["method"] == "bptt":
         return BPTT()
     if spec["backend"] == "naive":
         return _NaiveTargetProp(reg=REG, target_lr=TARGET_LR)
+    if cell != "elman":
+        return TargetProp(reg=REG, target_lr=TARGET_LR, mode=spec["mode"], update=spec["update"], solver="auto")
     return TargetProp(reg=REG, target_lr=TARGET_LR, mode=spec["mode"], update=spec["update"],
                       solver="analytic", solver_options=SOLVER_BACKENDS[spec["backend"]])
+
+
+def applies_to(spec: dict, cell: str) -> bool:
+    """Whether the variant ``spec`` runs on ``cell``: every variant on Elman; BPTT and the ``torch``-backend TP
+    variants (then with ``solver="auto"``) on GRU and LSTM."""
+    return cell == "elman" or spec["backend"] in (None, "torch")
+
+
+def parse_cells(text: str | Sequence[str] | None) -> list[str]:
+    """Cell names from a comma list (or a list); ``None`` means ``["elman"]``.
+
+    Raises:
+        ValueError: an unknown or empty cell list.
+    """
+    if text is None:
+        return ["elman"]
+    items = text.split(",") if isinstance(text, str) else list(text)
+    cells = [c.strip() for c in items if c.strip()]
+    bad = [c for c in cells if c not in CELL_KINDS]
+    if bad or not cells:
+        raise ValueError(f"unknown cells {', '.join(bad) or '(empty)'}; choose from {', '.join(CELL_KINDS)}")
+    return cells
 
 
 def _check_shape(shape: Sequence[int]) -> Shape:
@@ -191,6 +223,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _silenced_fds():
+    """Send the process's file descriptors 1 and 2 to ``os.devnull`` for the block: the profiler's C++ side
+    (kineto's ``profiler_start``/``profiler_stop`` lines, the allocator's warning about blocks allocated before the
+    profile) writes there directly, past ``sys.stdout``/``sys.stderr``. Python's streams are flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = [os.dup(fd) for fd in (1, 2)]
+    except OSError:  # no such descriptors (an embedded interpreter): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
 def _cpu_peak_bytes(step: Callable[[], None]) -> int | None:
     """Peak of the tensor memory allocated by ``step()`` above what was allocated before it, on CPU.
 
@@ -203,7 +260,7 @@ def _cpu_peak_bytes(step: Callable[[], None]) -> int | None:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _silenced_fds(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
         roots = prof.profiler.kineto_results.experimental_event_tree()
     except (ImportError, AttributeError, RuntimeError):
@@ -259,23 +316,26 @@ class _Run:
     :meth:`time_once` times one iteration, :meth:`row` finishes the result row (with the peak memory)."""
 
     def __init__(self, spec: dict, shape: Shape, *, device: torch.device, dtype: torch.dtype, warmup: int, seed: int,
-                 graph: bool):
+                 graph: bool, cell: str = "elman"):
         batch, seq_len, hidden, input_size = shape
         self.device, self.graph, self.times, self.peak = device, graph, [], None
         torch.manual_seed(seed)
-        model = RNNModel(input_size, hidden, NUM_CLASSES).to(device=device, dtype=dtype)
+        model = RNNModel(input_size, hidden, NUM_CLASSES, cell=cell).to(device=device, dtype=dtype)
+        solver = None
+        if spec["method"] == "tp":
+            solver = "analytic" if cell == "elman" else auto_solver_name(make_cell(model))
         x = torch.randn(batch, seq_len, input_size, device=device, dtype=dtype)  # [B, T, D]
         y = torch.randint(0, NUM_CLASSES, (batch,), device=device)  # [B]
         backend = spec["backend"]
         if backend is None:  # BPTT: whether nn.RNN takes the cuDNN path for this input
             backend = "cudnn" if device.type == "cuda" and torch.backends.cudnn.is_acceptable(x) else "torch"
-        self._row = {**spec, "backend": f"{backend}+graph" if graph else backend, "batch": batch, "seq_len": seq_len,
-                     "hidden": hidden, "input": input_size}
+        self._row = {**spec, "backend": f"{backend}+graph" if graph else backend, "cell": cell, "solver": solver,
+                     "batch": batch, "seq_len": seq_len, "hidden": hidden, "input": input_size}
         self.timed: Callable[[], None] | None = None
         if graph and backend in UNCAPTURABLE:
             self._fail(f"backend {backend} cannot be captured in a CUDA graph")
             return
-        method = _make_method(spec)
+        method = _make_method(spec, cell)
         optimizer = torch.optim.SGD(model.parameters(), lr=LR)
         self.optimizer = optimizer
 
@@ -345,6 +405,7 @@ def bench(
     seed: int = 0,
     progress: bool = False,
     graph: bool = False,
+    cells: str | Sequence[str] | None = None,
 ) -> list[dict]:
     """Time full training iterations of each variant on each shape.
 
@@ -377,14 +438,17 @@ def bench(
         seed: seeds the initial weights and data, the same for every variant of a shape.
         progress: print each row to stderr as it finishes.
         graph: capture each iteration in a CUDA graph and time its replays (CUDA only).
+        cells: ``elman``, ``gru``, ``lstm``, as a list or a comma list (default: ``elman``); on GRU and LSTM only
+            the variants of :func:`applies_to` run.
 
     Returns:
-        One row per (shape, variant), shapes outermost: ``{"method", "mode", "update", "backend", "batch",
-        "seq_len", "hidden", "input", "median_ms", "min_ms", "max_ms", "peak_mem_mb"}``. A variant that runs out of
+        One row per (shape, cell, variant), shapes outermost, then cells: ``{"method", "mode", "update",
+        "backend", "cell", "solver", "batch", "seq_len", "hidden", "input", "median_ms", "min_ms", "max_ms",
+        "peak_mem_mb"}`` (``solver``: the TP inverse, ``None`` for BPTT). A variant that runs out of
         memory or whose factorization fails gets ``None`` times and an extra ``"error"`` message.
 
     Raises:
-        ValueError: on a bad shape, variant name, ``repeats`` or ``warmup``, or ``graph`` off CUDA.
+        ValueError: on a bad shape, variant or cell name, ``repeats`` or ``warmup``, or ``graph`` off CUDA.
     """
     device = torch.device(device)
     if graph and device.type != "cuda":
@@ -392,23 +456,27 @@ def bench(
     names = parse_variants(variants)
     if variants is None and device.type != "cuda":  # the default set on CPU leaves out the CUDA-only backends
         names = [n for n in names if VARIANTS[n]["backend"] not in CUDA_ONLY_BACKENDS]
+    cell_names = parse_cells(cells)
     checked = [_check_shape(s) for s in shapes]
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     rows = []
     for shape in checked:
         runs = {}
-        for name in names:  # build and warm up every variant of the shape, then time them in turns
-            runs[name] = _Run(VARIANTS[name], shape, device=device, dtype=dtype, warmup=warmup, seed=seed, graph=graph)
+        for cell in cell_names:  # build and warm up every variant of the shape, then time them in turns
+            for name in names:
+                if applies_to(VARIANTS[name], cell):
+                    runs[cell, name] = _Run(VARIANTS[name], shape, device=device, dtype=dtype, warmup=warmup,
+                                            seed=seed, graph=graph, cell=cell)
         for _ in range(repeats):
             for run in runs.values():
                 run.time_once()
-        for name, run in runs.items():
+        for (cell, name), run in runs.items():
             row = run.row()
             rows.append(row)
             if progress:
                 took = "failed" if row["median_ms"] is None else f"{row['median_ms']:.2f} ms"
-                print(f"bench: {name} {shape}: {took}", file=sys.stderr, flush=True)
+                print(f"bench: {cell} {name} {shape}: {took}", file=sys.stderr, flush=True)
             del run.timed  # a captured graph's memory goes with it
         del runs
     return rows
@@ -429,12 +497,13 @@ def format_table(rows: Sequence[dict]) -> str:
         The table, one line per row after a header (no trailing newline).
     """
     shape_keys = ("batch", "seq_len", "hidden", "input")
-    bptt = {tuple(r[k] for k in shape_keys): r for r in rows if r["method"] == "bptt"}
-    header = ["variant", "backend", "B", "T", "H", "D", "median ms", "min ms", "max ms", "peak MB", "time/BPTT",
-              "mem/BPTT"]
+    group_keys = ("cell", *shape_keys)
+    bptt = {tuple(r.get(k, "elman") for k in group_keys): r for r in rows if r["method"] == "bptt"}
+    header = ["variant", "backend", "cell", "solver", "B", "T", "H", "D", "median ms", "min ms", "max ms", "peak MB",
+              "time/BPTT", "mem/BPTT"]
     lines = [header]
     for r in rows:
-        base = bptt.get(tuple(r[k] for k in shape_keys))
+        base = bptt.get(tuple(r.get(k, "elman") for k in group_keys))
         t_ratio = m_ratio = None
         if r["method"] != "bptt" and base is not None:
             if r["median_ms"] is not None and base["median_ms"]:
@@ -442,7 +511,8 @@ def format_table(rows: Sequence[dict]) -> str:
             if r["peak_mem_mb"] is not None and base["peak_mem_mb"]:
                 m_ratio = r["peak_mem_mb"] / base["peak_mem_mb"]
         lines.append([
-            variant_name(r), r["backend"], *(str(r[k]) for k in shape_keys),
+            variant_name(r), r["backend"], r.get("cell", "elman"), r.get("solver") or "-",
+            *(str(r[k]) for k in shape_keys),
             _fmt(r["median_ms"], ".2f"), _fmt(r["min_ms"], ".2f"), _fmt(r["max_ms"], ".2f"),
             _fmt(r["peak_mem_mb"], ".1f" if (r["peak_mem_mb"] or 0) >= 10 else ".3f"),
             _fmt(t_ratio, ".2f") + ("x" if t_ratio is not None else ""),
@@ -451,7 +521,7 @@ def format_table(rows: Sequence[dict]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for line in lines:
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))]
+        cells = [c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
 
@@ -497,10 +567,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``seqtp bench`` options to ``parser`` (to be run by :func:`run_from_args`)."""
-    parser.add_argument("--batch", type=int, help="batch size B (with --seq-len --hidden --input: one shape)")
+    parser.add_argument("--batch", type=int, help="batch size B (with --seq-len --hidden [--input]: one shape)")
     parser.add_argument("--seq-len", type=int, help="sequence length T")
     parser.add_argument("--hidden", type=int, help="hidden size H")
-    parser.add_argument("--input", type=int, help="input size D")
+    parser.add_argument("--input", type=int, default=1, help="input size D (default: 1)")
+    parser.add_argument("--cell", default="elman", help="elman | gru | lstm, or a comma list (default: elman)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="default: float32")
     parser.add_argument("--repeats", type=int, default=20, help="timed iterations per variant (default: 20)")
@@ -516,8 +587,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace, device: torch.device) -> int:
     """Run the benchmark from :func:`add_arguments`'s options, print the table, write the JSON if asked.
 
-    Without a full ``--batch --seq-len --hidden --input``, the shapes are :data:`DEFAULT_SHAPES` on CUDA and
-    :data:`CPU_SHAPE` on CPU.
+    With ``--batch --seq-len --hidden`` (and ``--input``, default 1) one shape; without them the shapes are
+    :data:`DEFAULT_SHAPES` on CUDA and :data:`CPU_SHAPE` on CPU.
 
     Args:
         args: the parsed options. device: the resolved device (the CLI resolves ``auto``).
@@ -529,15 +600,15 @@ def run_from_args(args: argparse.Namespace, device: torch.device) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         dims = (args.batch, args.seq_len, args.hidden, args.input)
-        if all(d is not None for d in dims):
+        if all(d is not None for d in dims[:3]):
             shapes = [dims]
-        elif any(d is not None for d in dims):
-            raise ValueError("give all of --batch --seq-len --hidden --input, or none")
+        elif any(d is not None for d in dims[:3]):
+            raise ValueError("give all of --batch --seq-len --hidden (and optionally --input), or none")
         else:
             shapes = DEFAULT_SHAPES if device.type == "cuda" else [CPU_SHAPE]
         dtype = DTYPES[args.dtype]
         rows = bench(shapes, device=device, dtype=dtype, variants=args.variants, repeats=args.repeats,
-                     warmup=args.warmup, seed=args.seed, progress=True, graph=args.graph)
+                     warmup=args.warmup, seed=args.seed, progress=True, graph=args.graph, cells=args.cell)
     except ValueError as e:
         print(f"seqtp bench: error: {e}", file=sys.stderr)
         return 2

@@ -156,6 +156,41 @@ def test_defaults():
     args = _args()
     assert (args.device, args.dtype, args.repeats, args.warmup, args.variants, args.json) == (
         "auto", "float32", 20, 3, None, None)
+    assert (args.input, args.cell) == (1, "elman")
+
+
+def test_cells_get_bptt_and_tp_rows():
+    rows = B.bench([TINY], device="cpu", variants="bptt,tp-linearized-local,tp-linearized-local-naive",
+                   cells="elman,gru,lstm", repeats=1, warmup=0)
+    got = [(r["cell"], B.variant_name(r), r["solver"]) for r in rows]
+    assert got == [("elman", "bptt", None), ("elman", "tp-linearized-local", "analytic"),
+                   ("elman", "tp-linearized-local-naive", "analytic"), ("gru", "bptt", None),
+                   ("gru", "tp-linearized-local", "dense"), ("lstm", "bptt", None),
+                   ("lstm", "tp-linearized-local", "dense")]  # the naive loop is Elman-only
+    for row in rows:
+        assert set(row) == set(B.ROW_KEYS) and row["median_ms"] > 0
+    lines = B.format_table(rows).splitlines()
+    gru_tp = next(line for line in lines if " gru " in line and line.startswith("tp-"))
+    gru_bptt = next(r for r in rows if r["cell"] == "gru" and r["method"] == "bptt")
+    gru_row = next(r for r in rows if r["cell"] == "gru" and r["method"] == "tp")
+    assert gru_tp.split()[-2] == f"{gru_row['median_ms'] / gru_bptt['median_ms']:.2f}x"  # ratio to the GRU's BPTT
+    with pytest.raises(ValueError, match="unknown cells"):
+        B.bench([TINY], device="cpu", cells="elman,transformer")
+
+
+def test_bench_is_quiet(capfd):
+    """The CPU memory profile prints nothing (no profiler start/stop lines, no allocator warning)."""
+    B.bench([TINY], device="cpu", variants="bptt,tp-linearized-local", repeats=1, warmup=0)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+
+
+def test_input_defaults_to_one(capsys):
+    args = _args("--batch", "2", "--seq-len", "5", "--hidden", "4", "--device", "cpu", "--repeats", "1",
+                 "--warmup", "0", "--variants", "bptt", "--cell", "gru")
+    assert B.run_from_args(args, torch.device("cpu")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].split()[:8] == ["bptt", "torch", "gru", "-", "2", "5", "4", "1"]
     assert B.CPU_SHAPE == (64, 200, 128, 1) and B.DEFAULT_SHAPES[0] == (512, 784, 128, 1)
 
 
