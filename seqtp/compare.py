@@ -243,7 +243,7 @@ def format_table(results: dict[str, Result | MethodRuns]) -> str:
     multi = any(len(g.runs) > 1 for g in groups.values())
     all_keys = {key for g in groups.values() for r in g.runs.values() for key in r.metrics}
     metric_cols = [c for c in TABLE_KEYS if c in all_keys]
-    metric_cols += sorted(c for c in all_keys if c.startswith("align_") and c not in ALIGN_PROFILES)
+    metric_cols += [c for c in ALIGN_SCALARS if c in all_keys]  # the rest of align_* is in comparison.json
     header = ["method", "status", "step", *(["n"] if multi else []), *metric_cols]
     table = [header]
     for name, g in groups.items():
