@@ -39,6 +39,34 @@ def cap_shift(delta: torch.Tensor, h: torch.Tensor, shift_cap: float | None) -> 
     return delta * scale
 
 
+def flush_floor(dtype: torch.dtype) -> float:
+    """The magnitude below which :func:`flush_tiny` zeroes a shift: ``sqrt(finfo(c).tiny)``, ``c`` the compute dtype
+    (``float64`` for float64, else ``float32``: half types compute in float32, and bfloat16 shares its range):
+    ``2^-63 ~ 1.1e-19`` in float32, ``2^-511 ~ 1.5e-154`` in float64.
+
+    Shifts that decay geometrically backwards in time (large ``reg``, linearized rule) otherwise go on into subnormal
+    floats, which many x86 cores compute far more slowly. At the square root of the smallest normal number, every
+    product of two such values and every square in a norm is still a normal number, so nothing downstream (the next
+    step's matrix product, CG's inner products, the local update's ``delta * phi'(z) / B``) goes subnormal either;
+    and a shift ``2^-63`` is ``2^-40`` of float32's ulp at 1, far below what moves a target ``s + delta`` or adds
+    to a gradient built from shifts of ordinary size (see ``docs/results/subnormals.md``).
+    """
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny ** 0.5
+
+
+def flush_tiny(delta: torch.Tensor) -> torch.Tensor:
+    """``delta`` with every entry of magnitude at most :func:`flush_floor` set to zero (one ``hardshrink``; NaN and
+    inf pass through). Deterministic, thread- and device-independent, capturable in a CUDA graph.
+
+    Args:
+        delta: shifts ``[..., S]``.
+
+    Returns:
+        A new tensor of the same shape and dtype.
+    """
+    return torch.nn.functional.hardshrink(delta, flush_floor(delta.dtype))
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -317,9 +345,10 @@ def backward_recursion(
     *,
     shift_cap: float | None = None,
 ) -> torch.Tensor:
-    """The backward sweep shared by every target rule: ``delta_T = cap(dhat_T)``, then for ``t = T-1 .. 1`` (0-based
-    indices into ``states``) ``delta_{t-1} = cap(step(t, delta_t))``, each capped by :func:`cap_shift` against
-    ``s_{t-1}`` before it is propagated further.
+    """The backward sweep shared by every target rule: ``delta_T = flush(cap(dhat_T))``, then for ``t = T-1 .. 1``
+    (0-based indices into ``states``) ``delta_{t-1} = flush(cap(step(t, delta_t)))``, each capped by
+    :func:`cap_shift` against ``s_{t-1}`` and flushed by :func:`flush_tiny` (entries below ``sqrt`` of the smallest
+    normal float are zeroed, so decaying shifts never reach subnormal floats) before it is propagated further.
 
     Args:
         states: ``[B, T, S]``; direct: ``dhat`` ``[B, T, S]``; step: ``(t, delta_t [B, S]) -> delta_{t-1}`` before the
@@ -329,9 +358,9 @@ def backward_recursion(
         ``delta`` ``[B, T, S]``.
     """
     deltas = torch.empty_like(states)  # [B, T, S]
-    delta = cap_shift(direct[:, -1], states[:, -1], shift_cap)  # [B, S]
+    delta = flush_tiny(cap_shift(direct[:, -1], states[:, -1], shift_cap))  # [B, S]
     deltas[:, -1] = delta
     for t in range(states.shape[1] - 1, 0, -1):
-        delta = cap_shift(step(t, delta), states[:, t - 1], shift_cap)  # [B, S]
+        delta = flush_tiny(cap_shift(step(t, delta), states[:, t - 1], shift_cap))  # [B, S]
         deltas[:, t - 1] = delta
     return deltas

@@ -4,6 +4,8 @@
 optional per-step cap ``|delta_t| <= c |h_t|``. Batch rows are independent: each program owns ``BLOCK_B`` rows and
 runs the whole time loop for them; nothing else is sequential.
 
+Every ``delta_t`` is flushed (entries ``<= 2^-63`` zeroed, :func:`_flush`) after the cap, as in the torch loop.
+
 - ``H <= 128`` (one tile): ``M^T`` is loaded once into registers and ``delta`` stays in registers across steps; per
   step the program reads ``h_{t-1}`` and ``dhat_{t-1}`` and writes ``delta_{t-1}`` (float32).
 - larger ``H`` (streamed): ``M^T`` does not fit on chip; the whole row of ``delta_{t-1}`` accumulates in registers
@@ -86,6 +88,17 @@ def _cap(delta, h, cap):
     return delta * scale[:, None]
 
 
+FLUSH_FLOOR = 2.0**-63
+"""``sqrt`` of float32's smallest normal number: the kernel zeroes shifts at or below it (float32 arithmetic), as
+:func:`seqtp._solvers.flush_tiny` does for the torch paths, so decaying shifts never become subnormal floats."""
+
+
+@triton.jit
+def _flush(delta):
+    """Zero the entries of ``delta`` with ``|delta| <= 2^-63`` (:data:`FLUSH_FLOOR`; NaN passes through)."""
+    return tl.where(tl.abs(delta) <= 1.0842021724855044e-19, 0.0, delta)
+
+
 @triton.jit
 def _phi_grad(h, ACT: tl.constexpr):
     """phi'(z) in terms of the output h = phi(z): 1 - h^2 (tanh), 1[h > 0] (relu), 1 (identity)."""
@@ -135,6 +148,7 @@ def _recursion_single_tile(
     delta = tl.load(direct_ptr + d_off + t * stride_dt, mask=mask, other=0.0).to(tl.float32)
     if HAS_CAP:
         delta = _cap(delta, h, cap)
+    delta = _flush(delta)
     _emit(out_ptr, norm_ptr, o_off + t * stride_ot, n_off + t, delta, h, mask, rmask, grad_scale, ACT, OUT)
     if OUT == 2:  # the local update accumulates here: dW += g_t^T h_{t-1}, dU += g_t^T x_t, db += sum_rows g_t
         dcols = tl.arange(0, BLOCK_D)  # [BD]
@@ -166,6 +180,7 @@ def _recursion_single_tile(
         delta = tl.dot(u, mt, input_precision=PREC) + d  # [BB, BH]
         if HAS_CAP:
             delta = _cap(delta, h, cap)
+        delta = _flush(delta)
         _emit(out_ptr, norm_ptr, o_off + (t - 1) * stride_ot, n_off + t - 1, delta, h, mask, rmask, grad_scale, ACT,
               OUT)
         if OUT == 2:
@@ -207,7 +222,7 @@ def _recursion_streamed(
     delta = tl.load(direct_ptr + d_off + t * stride_dt, mask=mask, other=0.0).to(tl.float32)  # [BB, BH]
     if HAS_CAP:
         delta = _cap(delta, tl.load(states_ptr + s_off + t * stride_st, mask=mask, other=0.0).to(tl.float32), cap)
-    tl.store(out_ptr + o_off + t * stride_ot, delta, mask=mask)
+    tl.store(out_ptr + o_off + t * stride_ot, _flush(delta), mask=mask)
     tl.debug_barrier()
     for i in range(1, T):
         t = T - i  # delta_t is in out[:, t]; compute delta_{t-1} into out[:, t-1]
@@ -225,7 +240,7 @@ def _recursion_streamed(
         if HAS_CAP:
             acc = _cap(acc, tl.load(states_ptr + s_off + (t - 1) * stride_st, mask=mask, other=0.0).to(tl.float32),
                        cap)
-        tl.store(out_ptr + o_off + (t - 1) * stride_ot, acc, mask=mask)
+        tl.store(out_ptr + o_off + (t - 1) * stride_ot, _flush(acc), mask=mask)
         tl.debug_barrier()
 
 
