@@ -181,7 +181,7 @@ class AnalyticInverse(InverseSolver):
             The two fast paths run the exact rule as the difference rule (:meth:`exact_as_difference`).
         fuse_local_update: where the kernel runs with ``H <= 128``, let :meth:`propagate_local_update` accumulate
             the local update's gradients inside the kernel instead of writing the shifts (used by
-            :class:`seqtp.TargetProp` with ``update="local"``). Off by default: not yet timed on a GPU.
+            :class:`seqtp.TargetProp` with ``update="local"``). Off by default (no GPU measurement).
 
     Raises:
         TypeError (at :meth:`bind`): the cell is not an Elman cell.

@@ -7,8 +7,8 @@ The defaults are working settings: a config needs only ``task.name``. TP's are t
 (Roulet & Harchaoui, TMLR 2023: target_lr 1e-2, reg 10, linearized targets, update through time, no shift cap)
 with SGD at lr 0.05 instead of the paper's 0.1 (which solved temporal order T = 60 and then collapsed on seed 0
 within 2,000 iterations); BPTT's are SGD lr 1e-2 with Nesterov momentum 0.9 and gradient clipping at 1.0. Both
-were chosen on temporal order T = 60 (``docs/results/temporal_order_defaults.md``), not tuned for the other tasks. The library classes
-(``seqtp.TargetProp``, ``seqtp.BPTT``) keep their own defaults.
+were chosen on temporal order T = 60 (``docs/results/temporal_order_defaults.md``), not tuned for the other tasks.
+The library classes (``seqtp.TargetProp``, ``seqtp.BPTT``) keep their own defaults.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class TPConfig(OptimizerFields):
     update: str = "through_time"  # local | through_time
     eps: float = 1e-3
     shift_cap: float | None = None  # |delta_t| <= shift_cap * |h_t| at every step
-    solver: str = "auto"  # auto (analytic for elman, else gauss_newton) | analytic | gauss_newton | iterated | learned
+    solver: str = "auto"  # auto (elman: analytic; GRU/LSTM: dense for small states, else gauss_newton) | a SOLVERS name
     space: str | None = None  # gauss_newton: output | preactivation (elman only)
     tol: float | None = None  # gauss_newton / iterated: stopping tolerance
     max_iter: int | None = None  # gauss_newton: Gauss-Newton iterations

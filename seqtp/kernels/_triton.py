@@ -12,7 +12,7 @@ Every ``delta_t`` is flushed (entries ``<= 2^-63`` zeroed, :func:`_flush`) after
   while ``M^T`` streams from L2 in ``[BK, H]`` slabs along the reduction, and ``delta_t`` is re-read slab by slab
   from the float32 output written the step before (a CTA barrier orders the two). Each step reads ``M`` once.
 
-Options (``H <= 128``; off by default because none has been timed on a GPU yet):
+Options (``H <= 128``; off by default: none has a GPU measurement, see ``docs/performance.md``):
 
 - ``prefetch``: the loads of ``h_{t-1}`` and ``dhat_{t-1}`` are issued one step ahead, off the dependency chain
   ``delta_t -> delta_{t-1}``.
@@ -20,19 +20,15 @@ Options (``H <= 128``; off by default because none has been timed on a GPU yet):
   / B`` and accumulates ``dW += g_t^T h_{t-1}``, ``dU += g_t^T x_t``, ``db += sum_rows g_t`` on chip, off the
   dependency chain; it writes only per-program partial sums and the norms ``|delta_t|`` (for the statistics).
 - :func:`fused_local_factor`: writes ``g_t`` and ``|delta_t|`` instead of ``delta_t`` (the update's products then
-  run in torch); kept to time against the other two.
+  run in torch), for tuning against the other two.
 
 The exact rule runs here as the difference rule on corrected direct shifts (see
 :meth:`seqtp.AnalyticInverse.exact_as_difference`).
 
 Inputs may be float32, bfloat16 or float16; loads are converted to float32 and the products accumulate in float32.
 The matrix products use ``tl.dot`` with ``input_precision="tf32"`` by default (``"tf32x3"`` for about float32
-accuracy). Measured on an H100 (torch 2.11, Triton 3.6, B=512, T=784, H=128, kernel alone): tf32 1.30 ms with 4
-warps and 16 rows per program (the default), tf32x3 2.02 ms with 8 warps, ieee 23 ms; 32 or 64 rows per program
-were slower (fewer programs than SMs at this batch). The earlier tiled kernel for H > 128 (``[BK, BN]`` tiles, ``u``
-recomputed for every output tile, the cap in a second pass) took 67 ms at B=256, T=784, H=512, vs about 14 ms for
-the CUDA-graph replay of the torch loop, so ``auto`` prefers the CUDA graph there; the streamed kernel that replaced
-it has not been timed on a GPU yet.
+accuracy). Defaults: 4 warps and 16 rows per program for ``H <= 128``; for ``H > 128`` ``auto`` uses the CUDA graph,
+since the streamed kernel has no GPU measurement. Timings: ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -272,8 +268,8 @@ def kernel_config(
     sm_80 to check registers, spills and shared memory without a GPU).
 
     Defaults: ``H <= 128``: 4 warps (8 when the kernel accumulates the gradients: their ``[H, H]`` float32
-    accumulator takes 64 registers per thread), 3 pipeline stages (as timed on the H100). ``H > 128`` (streamed): a
-    single stage and 8 warps up to ``H = 512`` (16 above), slabs of 32 rows of ``M^T`` up to ``H = 1024`` (16 above),
+    accumulator takes 64 registers per thread), 3 pipeline stages (the fastest on an H100, ``docs/performance.md``).
+    ``H > 128`` (streamed): a single stage and 8 warps up to ``H = 512`` (16 above), slabs of 32 rows of ``M^T`` up to ``H = 1024`` (16 above),
     chosen so that sm_90 compiles them without spills up to ``H = 512`` and within shared memory up to ``H = 2048``.
 
     Args:
@@ -376,10 +372,10 @@ def fused_shifts(
         block_b: batch rows per program (>= 16, a power of two).
         num_warps: warps per program (default: :func:`kernel_config`).
         precision: ``tl.dot``'s ``input_precision``: ``"tf32"`` (default; relative error ~7e-4 on delta, the
-            precision cuDNN's default TF32 RNN kernels also run at), ``"tf32x3"`` (~3e-7, about 1.6x slower: 2.0 ms
-            vs 1.3 ms at B=512, T=784, H=128 on an H100) or ``"ieee"`` (float32 FMA, ~20x slower).
+            precision cuDNN's default TF32 RNN kernels also run at), ``"tf32x3"`` (~3e-7, slower) or ``"ieee"``
+            (float32 FMA, slowest; timings in ``docs/performance.md``).
         prefetch: ``H <= 128`` only: issue the loads of ``h_{t-1}`` and ``dhat_{t-1}`` one step ahead, so that their
-            latency is off the recursion's dependency chain. Off by default: not yet timed on a GPU.
+            latency is off the recursion's dependency chain. Off by default (no GPU measurement).
         block_k: ``H > 128`` only: rows of ``M^T`` streamed per slab (>= 16, a power of two; default:
             :func:`kernel_config`).
 
