@@ -270,7 +270,8 @@ def kernel_config(
     Defaults: ``H <= 128``: 4 warps (8 when the kernel accumulates the gradients: their ``[H, H]`` float32
     accumulator takes 64 registers per thread), 3 pipeline stages (the fastest on an H100, ``docs/performance.md``).
     ``H > 128`` (streamed): a single stage and 8 warps up to ``H = 512`` (16 above), slabs of 32 rows of ``M^T`` up
-    to ``H = 1024`` (16 above), chosen so that sm_90 compiles them without spills up to ``H = 512`` and within shared memory up to ``H = 2048``.
+    to ``H = 1024`` (16 above), chosen so that sm_90 compiles them without spills up to ``H = 512`` and within shared
+    memory up to ``H = 2048``.
 
     Args:
         output: ``"shifts"`` (``delta``), ``"factor"`` (:func:`fused_local_factor`) or ``"grads"``
