@@ -28,6 +28,17 @@ def test_readme_library_example_runs():
     assert all(p.grad is not None for p in namespace["model"].parameters())
 
 
+def test_readme_alignment_example_runs():
+    """The alignment example runs on the library example's model, batch and method."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(b for b in blocks if "seqtp.alignment(" in b)
+    namespace: dict = {}
+    exec(compile(blocks[0] + example, str(README), "exec"), namespace)  # noqa: S102 - our own README
+    align = namespace["align"]
+    assert -1 <= align["cosine"] <= 1 and align["norm_ratio"] > 0
+    assert align["step_shift_norm"].shape == (namespace["x"].shape[1],)
+
+
 DOCS = [README, *(README.parent / "docs" / name for name in ("performance.md", "development.md", "results/README.md"))]
 
 
