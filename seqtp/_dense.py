@@ -1,4 +1,4 @@
-"""The regularized inverse of a GRU, LSTM or Elman step with dense per-row Jacobians and batched Cholesky.
+"""The regularized inverse of a GRU, LSTM or Elman step with exact per-row Jacobians: CG or batched Cholesky.
 
 Math core: imports only torch. Device and dtype follow the inputs.
 
@@ -10,9 +10,11 @@ maps a target ``v`` of ``s_t`` to a target of ``s_{t-1}`` through the regularize
     psi_t(v) = argmin_u |f(u, x_t) - v|^2 + r |u - s_{t-1}|^2.
 
 Its linearization at ``v = s_t`` is ``(J_t^T J_t + r I)^{-1} J_t^T delta`` with ``J_t = df/ds (s_{t-1}, x_t)``
-``[S, S]`` per batch row. The forward states are known, so every ``J_t`` and the Cholesky factor of every
-``J_t^T J_t + r I`` are built for all steps (and rows) at once, before the sequential recursion, which is then one
-batched triangular solve per step.
+``[S, S]`` per batch row. The forward states are known, so every ``J_t`` is built for all steps (and rows) at once,
+before the sequential recursion. By default (``linear_solver="cg"``) ``J_t`` stays matrix-free (its diagonals,
+:class:`StepOperator`) and each step of the recursion is a few batched CGLS iterations (:func:`cgls`) to a relative
+residual ``cg_tol``; with ``"cholesky"`` the Cholesky factors of every ``J_t^T J_t + r I`` are also built at once and
+each step is a batched pair of triangular solves.
 
 The Jacobians use the structure of the cells of :data:`seqtp.CELLS`: the state enters the step ``f(s, g)`` directly
 and through the recurrent gate pre-activations ``g = W_hh h + b_hh`` (``h`` the first ``H`` entries of ``s``), and
@@ -34,6 +36,9 @@ import torch
 from ._cells import Cell
 from ._inverse import FactorizationError
 from ._solvers import InverseSolver
+
+LINEAR_SOLVERS = ("cg", "cholesky")
+"""The solvers of the linearized rule of :class:`DenseInverse`."""
 
 
 class Linearization(NamedTuple):
@@ -69,18 +74,62 @@ class Linearization(NamedTuple):
         return (self.c_diag.view(n_rows, size // hidden, hidden) * w.unsqueeze(1)).reshape(n_rows, size)
 
 
-def step_jacobian(cell: Cell, state: torch.Tensor, x: torch.Tensor) -> Linearization:
-    """``J = d f(s, x) / d s`` at each row of ``state`` ``[N, S]``, ``x`` ``[N, D]`` (rows independent), in block form.
+class StepOperator(NamedTuple):
+    """``J = df/ds`` ``[N, S, S]`` at ``N`` rows as the operator ``J = D_s + D_g W_hh E_h`` of the cells of
+    :data:`seqtp.CELLS` (module docstring), never formed: ``ds`` ``[N, nb(in), nb(out), H]`` the diagonals of
+    ``d f / d s`` with the gates held fixed, ``dg`` ``[N, G, nb(out), H]`` the diagonals of ``d f / d g``, and
+    ``w_hh`` ``[G*H, H]``, so that ``J[n, o*H + i, k*H + j] = [i = j] ds[n, k, o, i] + [k = 0] sum_g dg[n, g, o, i]
+    W_hh[g*H + i, j]``. Each product costs ``O(S (nb + G))`` per row and one ``[N, G*H] x [G*H, H]`` matmul."""
 
-    ``J[n, o*H + i, k*H + j] = [i = j] ds[n, k, o, i] + [k = 0] sum_g dg[n, g, o, i] W_hh[g*H + i, j]`` where
-    ``ds[n, k] = d f / d s`` along the all-ones tangent of state block ``k`` (``g`` held fixed) and ``dg[n, g]`` along
-    the all-ones tangent of gate block ``g``: exact for the unit-wise cells described in the module docstring.
+    ds: torch.Tensor
+    dg: torch.Tensor
+    w_hh: torch.Tensor
+
+    def rows(self, index: slice) -> StepOperator:
+        """The operator of the rows ``index``."""
+        return StepOperator(self.ds[index], self.dg[index], self.w_hh)
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v`` ``[N, S]`` for ``v`` ``[N, S]``."""
+        n_rows, n_blocks, _, hidden = self.ds.shape
+        v3 = v.view(n_rows, n_blocks, 1, hidden)  # [N, nb(in), 1, H]
+        gates = (v[:, :hidden] @ self.w_hh.T).view(n_rows, -1, 1, hidden)  # [N, G, 1, H]: W_g v_h
+        out = self.ds[:, 0] * v3[:, 0]  # [N, nb(out), H]
+        for k in range(1, n_blocks):
+            out.addcmul_(self.ds[:, k], v3[:, k])
+        for g in range(gates.shape[1]):
+            out.addcmul_(self.dg[:, g], gates[:, g])
+        return out.view(n_rows, n_blocks * hidden)
+
+    def apply_t(self, w: torch.Tensor) -> torch.Tensor:
+        """``J^T w`` ``[N, S]`` for ``w`` ``[N, S]``."""
+        n_rows, n_blocks, _, hidden = self.ds.shape
+        w3 = w.view(n_rows, 1, n_blocks, hidden)  # [N, 1, nb(out), H]
+        out = self.ds[:, :, 0] * w3[:, :, 0]  # [N, nb(in), H]
+        gates = self.dg[:, :, 0] * w3[:, :, 0]  # [N, G, H]: sum_o dg[n, g, o, i] w[n, o, i]
+        for o in range(1, n_blocks):
+            out.addcmul_(self.ds[:, :, o], w3[:, :, o])
+            gates.addcmul_(self.dg[:, :, o], w3[:, :, o])
+        out_h = torch.addmm(out[:, 0], gates.view(n_rows, -1), self.w_hh)  # [N, H]: + sum_{g, i} W_g[i, j] (...)
+        if n_blocks == 1:
+            return out_h
+        return torch.cat([out_h, out[:, 1:].reshape(n_rows, -1)], dim=-1)  # [N, S]
+
+
+def step_operator(cell: Cell, state: torch.Tensor, x: torch.Tensor) -> StepOperator:
+    """``J = d f(s, x) / d s`` at each row of ``state`` ``[N, S]``, ``x`` ``[N, D]`` (rows independent), as the
+    matrix-free :class:`StepOperator`.
+
+    ``ds[n, k] = d f / d s`` along the all-ones tangent of state block ``k`` (``g`` held fixed) and ``dg[n, g]``
+    along the all-ones tangent of gate block ``g``, from ``nb + G`` forward-mode products (``torch.func.jvp``
+    batched with ``torch.func.vmap``) of the whole batch: exact for the unit-wise cells described in the module
+    docstring.
 
     Args:
         cell: an Elman, GRU or LSTM :class:`~seqtp._cells.Cell`. state: ``[N, S]``. x: ``[N, D]``.
 
     Returns:
-        The :class:`Linearization` (``.dense()`` is ``J`` ``[N, S, S]``).
+        The :class:`StepOperator` of the ``N`` rows.
 
     Raises:
         ValueError: a state of more than two blocks of ``H`` (no such cell in :data:`seqtp.CELLS`).
@@ -110,16 +159,87 @@ def step_jacobian(cell: Cell, state: torch.Tensor, x: torch.Tensor) -> Lineariza
         return torch.func.jvp(step, (state, gh), (ts.expand(n_rows, -1), tg.expand(n_rows, -1)))[1]
 
     dirs = torch.func.vmap(directional)(tangents_s, tangents_g)  # [nb + G, N, S]
-    dg = dirs[n_blocks:].reshape(n_gates, n_rows, n_blocks, hidden)  # [G, N, nb(out), H]
-    w_units = w_hh.reshape(n_gates, hidden, hidden)  # [G, H(i), H(j)]
-    # the columns of h: sum_g dg[g, n, o, i] W_g[i, j] + [i = j] ds[0, n, o, i], by broadcast products (a batched
+    dirs = dirs.view(n_blocks + n_gates, n_rows, n_blocks, hidden).transpose(0, 1)  # [N, nb + G, nb(out), H]
+    return StepOperator(dirs[:, :n_blocks].contiguous(), dirs[:, n_blocks:].contiguous(), w_hh)
+
+
+def step_jacobian(cell: Cell, state: torch.Tensor, x: torch.Tensor) -> Linearization:
+    """``J = d f(s, x) / d s`` at each row of ``state`` ``[N, S]``, ``x`` ``[N, D]`` (rows independent), in block form.
+
+    ``J[n, o*H + i, k*H + j] = [i = j] ds[n, k, o, i] + [k = 0] sum_g dg[n, g, o, i] W_hh[g*H + i, j]`` with the
+    diagonals of :func:`step_operator`.
+
+    Args:
+        cell: an Elman, GRU or LSTM :class:`~seqtp._cells.Cell`. state: ``[N, S]``. x: ``[N, D]``.
+
+    Returns:
+        The :class:`Linearization` (``.dense()`` is ``J`` ``[N, S, S]``).
+
+    Raises:
+        ValueError: a state of more than two blocks of ``H`` (no such cell in :data:`seqtp.CELLS`).
+    """
+    ds, dg, w_hh = step_operator(cell, state, x)
+    n_rows, n_blocks, _, hidden = ds.shape
+    w_units = w_hh.reshape(-1, hidden, hidden)  # [G, H(i), H(j)]
+    # the columns of h: sum_g dg[n, g, o, i] W_g[i, j] + [i = j] ds[n, 0, o, i], by broadcast products (a batched
     # matmul over units with an inner size G is far slower on the CPU)
-    jac_h = dg[0, ..., None] * w_units[0]  # [N, nb(out), H(i), H(j)]
-    for g in range(1, n_gates):
-        jac_h.addcmul_(dg[g, ..., None], w_units[g])
-    jac_h.diagonal(dim1=-2, dim2=-1).add_(dirs[0].view(n_rows, n_blocks, hidden))
-    c_diag = dirs[1] if n_blocks == 2 else None  # [N, S]: d f / d c along the ones of the c block
-    return Linearization(jac_h.reshape(n_rows, size, hidden), c_diag)
+    jac_h = dg[:, 0, ..., None] * w_units[0]  # [N, nb(out), H(i), H(j)]
+    for g in range(1, w_units.shape[0]):
+        jac_h.addcmul_(dg[:, g, ..., None], w_units[g])
+    jac_h.diagonal(dim1=-2, dim2=-1).add_(ds[:, 0])
+    c_diag = ds[:, 1].reshape(n_rows, n_blocks * hidden) if n_blocks == 2 else None  # [N, S]: d f / d c
+    return Linearization(jac_h.reshape(n_rows, n_blocks * hidden, hidden), c_diag)
+
+
+def cgls(op: StepOperator, delta: torch.Tensor, reg: float, *, tol: float, max_iter: int,
+         check_every: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(J^T J + r I)^{-1} J^T delta`` ``[N, S]`` by conjugate gradient on the regularized least-squares problem
+    ``min_u |J u - delta|^2 + r |u|^2`` (CGLS, Hestenes-Stiefel; Bjorck, "Numerical Methods for Least Squares
+    Problems", 1996, Sec. 7.4), rows independent, from ``u_0 = 0``::
+
+        q_k = J p_k, alpha_k = |s_k|^2 / (|q_k|^2 + r |p_k|^2), u_{k+1} = u_k + alpha_k p_k,
+        z_{k+1} = z_k - alpha_k q_k, s_{k+1} = J^T z_{k+1} - r u_{k+1}, p_{k+1} = s_{k+1} + |s_{k+1}|^2 / |s_k|^2 p_k
+
+    with ``z_0 = delta``, ``s_0 = p_0 = J^T delta`` (``s_k`` the residual of the normal equations). Two operator
+    products per iteration. The error obeys ``|u_k - u*| <= |s_k| / r`` and ``|u*| >= |s_0| / (|J|^2 + r)``, so
+    ``|u_k - u*| / |u*| <= (|J|^2 + r) / r * |s_k| / |s_0|``. Iterating far past the roundoff level of ``|s_k|``
+    (``tol`` below a few ``eps``) loses the conjugacy and the accuracy.
+
+    Args:
+        op: the :class:`StepOperator` ``[N]``. delta: ``[N, S]``. reg: ``r > 0``. tol: stop once every row has
+            ``|s_k| <= tol |s_0|`` (rows with ``s_0 = 0`` at once; a row that meets it keeps its ``u_k``), checked
+            every ``check_every`` iterations (one host sync per check). max_iter: the most iterations.
+
+    Returns:
+        ``(u, relative_residual, iterations)``: ``u`` ``[N, S]``, ``|s_k| / |s_0|`` ``[N]`` (0 where ``s_0 = 0``) and
+        the iterations run.
+    """
+    s = op.apply_t(delta)  # [N, S]
+    norm0 = torch.linalg.vector_norm(s, dim=-1, keepdim=True)  # [N, 1]
+    scale = torch.where(norm0 > 0, norm0, 1.0)  # [N, 1]: each row solved for delta / |J^T delta| (no underflow)
+    z = delta / scale
+    s = s / scale
+    p = s
+    u = torch.zeros_like(delta)
+    gamma = torch.linalg.vecdot(s, s).unsqueeze(-1)  # [N, 1]: 1, or 0 where J^T delta = 0
+    threshold = tol * tol
+    tiny = torch.finfo(delta.dtype).tiny
+    k = 0
+    while k < max_iter:
+        active = gamma > threshold  # [N, 1]: the rows that go on (a met row keeps its u)
+        if k % check_every == 0 and not bool(active.any()):  # host sync: one per check_every iterations
+            break
+        q = op.apply(p)  # [N, S]
+        denom = torch.add(torch.linalg.vecdot(q, q), torch.linalg.vecdot(p, p), alpha=reg).unsqueeze(-1)  # [N, 1]
+        alpha = torch.where(active, gamma / denom.clamp_min(tiny), 0.0)  # [N, 1]
+        u.addcmul_(alpha, p)
+        z = torch.addcmul(z, alpha, q, value=-1)
+        s = op.apply_t(z).sub_(u, alpha=reg)
+        gamma_next = torch.linalg.vecdot(s, s).unsqueeze(-1)
+        p = torch.addcmul(s, gamma_next / gamma.clamp_min(tiny), p)
+        gamma = gamma_next
+        k += 1
+    return u * scale, gamma.squeeze(-1).sqrt(), k
 
 
 class Factor(NamedTuple):
@@ -188,16 +308,20 @@ def factorize(lin: Linearization, reg: float) -> Factor:
 
 
 class DenseInverse(InverseSolver):
-    """The output-space regularized inverse by dense per-row Jacobians and one batched Cholesky per iteration.
+    """The output-space regularized inverse with exact per-row Jacobians: CG or batched Cholesky solves.
 
     ``psi_t(v) = argmin_u |f(u, x_t) - v|^2 + r |u - s_{t-1}|^2`` (Roulet & Harchaoui, TMLR 2023; the objective of
     :class:`seqtp.GaussNewtonInverse` with ``space="output"``), for the cells of :data:`seqtp.CELLS` (Elman, GRU,
     LSTM with ``s = [h, c]``):
 
     - ``linearized``: ``J_psi_t(s_t) delta = (J_t^T J_t + r I)^{-1} J_t^T delta``, ``J_t = df/ds (s_{t-1}, x_t)``.
-      The Jacobians (:func:`step_jacobian`) and the Cholesky factors of ``J_t^T J_t + r I`` are built for all rows
-      and steps at once (in chunks of steps of at most ``chunk_bytes`` per tensor, latest steps first, so that the
-      backward recursion finds them ready), then each step is a mat-vec and a batched ``cholesky_solve``.
+      ``linear_solver="cg"``: the diagonals of the matrix-free ``J_t`` (:func:`step_operator`) are built for all
+      rows and steps at once, then each step runs :func:`cgls` (two products with ``J_t`` per iteration) until
+      ``|s_k| <= cg_tol |s_0|`` per row (normal-equation residual ``s_k``; relative error at most
+      ``(|J_t|^2 + r) / r`` times that). ``"cholesky"``: the Jacobians (:func:`step_jacobian`) and the Cholesky
+      factors of ``J_t^T J_t + r I`` are built for all rows and steps at once, then each step is a mat-vec and two
+      batched triangular solves. Both build in chunks of steps of at most ``chunk_bytes`` per tensor, latest steps
+      first, so that the backward recursion finds them ready.
     - ``invert`` (so the ``difference`` and ``exact`` rules): damped Gauss-Newton from ``u_0 = s_{t-1}``,
       ``u_{k+1} = u_k - alpha_k (J_k^T J_k + r I)^{-1} (J_k^T (f(u_k) - v) + r (u_k - s_{t-1}))`` with dense
       ``J_k`` at ``u_k`` (the first from the precomputed factor), Armijo backtracking on the objective per row
@@ -211,22 +335,39 @@ class DenseInverse(InverseSolver):
     Args:
         reg: ``r > 0``. tol: Gauss-Newton tolerance ``>= 0`` of :meth:`invert`. max_iter: Gauss-Newton steps of
             :meth:`invert`, ``>= 1``. max_backtracks: halvings per line search, ``>= 0`` (a row that finds no
-            decrease stops). chunk_bytes: the largest Jacobian chunk ``[B, steps, S, S]``, in bytes (at least one
-            step is taken).
+            decrease stops). chunk_bytes: the largest Jacobian chunk ``[B, steps, S, S]`` (CG: its diagonals), in
+            bytes (at least one step is taken). linear_solver: ``"cg"`` or ``"cholesky"`` (:data:`LINEAR_SOLVERS`),
+            for the linearized rule (:meth:`invert` always factorizes). cg_tol: the relative normal-equation residual
+            of CG, ``>= 0``; ``None``: ``16 eps`` of the dtype. cg_max_iter: CG iterations at most, ``>= 1``.
+            cg_check_every: CG iterations between convergence checks (host syncs); ``None``: 1 on the CPU, 4 else.
 
     Raises:
         ValueError: ``reg <= 0`` or an option out of range.
-        seqtp.FactorizationError (CPU): a Cholesky factorization failed (non-finite states or weights).
+        seqtp.FactorizationError (CPU): a Cholesky factorization failed or (CG) a Jacobian is non-finite.
 
     :meth:`report` (after :meth:`propagate`; reset at :meth:`bind`): ``factorized_steps`` (steps whose Jacobians
-    were built and factorized), ``gn_iterations_max``, ``gn_iterations_mean`` (per row of each :meth:`invert`
-    call), ``final_relative_residual_max`` (the largest final convergence measure of :meth:`invert`),
+    were built, and factorized for Cholesky), ``cg_iterations_max``, ``cg_iterations_mean`` (per linearized call),
+    ``cg_relative_residual_max`` (the largest final ``|s_k| / |s_0|``), ``gn_iterations_max``,
+    ``gn_iterations_mean`` (per row of each :meth:`invert` call), ``final_relative_residual_max`` (the largest
+    final convergence measure of :meth:`invert`),
     ``converged`` (1.0 if every row met ``tol``), ``invert_calls``, ``linearized_calls``.
     """
 
     def __init__(self, *, reg: float, tol: float = 1e-6, max_iter: int = 20, max_backtracks: int = 30,
-                 chunk_bytes: int = 2**28):
+                 chunk_bytes: int = 2**28, linear_solver: str = "cg", cg_tol: float | None = None,
+                 cg_max_iter: int = 200, cg_check_every: int | None = None):
         super().__init__(reg=reg)
+        if linear_solver not in LINEAR_SOLVERS:
+            raise ValueError(f"linear_solver must be one of {LINEAR_SOLVERS}, got {linear_solver!r}")
+        if cg_tol is not None and not cg_tol >= 0:
+            raise ValueError(f"cg_tol must be >= 0 or None, got {cg_tol}")
+        checked = (("cg_max_iter", cg_max_iter), ("cg_check_every", 1 if cg_check_every is None else cg_check_every))
+        for key, value in checked:
+            if int(value) != value or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value}")
+        self.linear_solver, self.cg_tol = linear_solver, None if cg_tol is None else float(cg_tol)
+        self.cg_max_iter = int(cg_max_iter)
+        self.cg_check_every = None if cg_check_every is None else int(cg_check_every)
         if not tol >= 0:
             raise ValueError(f"tol must be >= 0, got {tol}")
         if int(max_iter) != max_iter or max_iter < 1:
@@ -242,14 +383,40 @@ class DenseInverse(InverseSolver):
         """Take the cell, inputs ``[B, T, D]`` and states ``[B, T, S]``; the factors are built at the first use."""
         super().bind(cell, x, states)
         self._chunk: tuple[int, int, int, Factor] | None = None  # (first step, end, B, factor)
+        self._op_chunk: tuple[int, int, int, StepOperator] | None = None  # (first step, end, B, operator)
         self._stats: dict[str, float | torch.Tensor] = {}
         return self
 
     # -- the factors of the linearization at s_{t-1} -------------------------------------------------------------
 
-    def _steps_per_chunk(self) -> int:
+    def _steps_per_chunk(self, row_numbers: int | None = None) -> int:  # row_numbers: per row and step, S^2 if None
         batch, _, size = self.states.shape
-        return max(1, self.chunk_bytes // (batch * size * size * self.states.element_size()))
+        row_numbers = size * size if row_numbers is None else row_numbers
+        return max(1, self.chunk_bytes // (batch * row_numbers * self.states.element_size()))
+
+    def operators(self, t: int) -> StepOperator:
+        """The :class:`StepOperator` ``[B]`` of ``J_t`` at ``(s_{t-1}, x_t)``, from the chunk of steps ending at ``t``
+        (built for all its steps and rows at once when ``t`` is outside the current chunk).
+
+        Raises:
+            seqtp.FactorizationError: on the CPU, non-finite Jacobians (one host sync per chunk).
+        """
+        chunk = self._op_chunk
+        if chunk is None or not chunk[0] <= t < chunk[1]:
+            size, hidden = self.states.shape[-1], self.cell.hidden_size
+            n_gates = self.cell.params["weight_hh_l0"].shape[0] // hidden
+            first = max(1, t + 1 - self._steps_per_chunk((size // hidden + n_gates) * size))
+            prev = self.prev[:, first : t + 1].transpose(0, 1)  # [C, B, S]: step-major, so a step is contiguous
+            steps, batch, size = prev.shape
+            with torch.no_grad():
+                op = step_operator(self.cell, prev.reshape(steps * batch, size),
+                                   self.x[:, first : t + 1].transpose(0, 1).reshape(steps * batch, -1))  # [C*B]
+            if not op.ds.is_cuda and not bool(torch.isfinite(op.ds).all() & torch.isfinite(op.dg).all()):
+                raise FactorizationError(f"non-finite Jacobians of the steps {first}..{t} (reg={self.reg})")
+            chunk = self._op_chunk = (first, t + 1, batch, op)
+            self._add(factorized_steps=float(steps))
+        first, _, batch, op = chunk
+        return op.rows(slice((t - first) * batch, (t - first + 1) * batch))
 
     def factors(self, t: int) -> Factor:
         """The :class:`Factor` ``[B]`` of ``J_t^T J_t + r I``, ``J_t`` at ``(s_{t-1}, x_t)``, from the chunk of steps
@@ -273,10 +440,17 @@ class DenseInverse(InverseSolver):
         return Factor(Linearization(lin.jac_h[rows], c_diag), factor.chol[rows], q)
 
     def linearized(self, t: int, delta: torch.Tensor) -> torch.Tensor:
-        """``(J_t^T J_t + r I)^{-1} J_t^T delta`` ``[B, S]`` with the precomputed factor."""
+        """``(J_t^T J_t + r I)^{-1} J_t^T delta`` ``[B, S]``: by :func:`cgls` with the matrix-free ``J_t``
+        (``linear_solver="cg"``) or with the precomputed Cholesky factor (``"cholesky"``)."""
         self._add(linearized_calls=1.0)
         with torch.no_grad():
-            return self.factors(t).linearized(delta)
+            if self.linear_solver == "cholesky":
+                return self.factors(t).linearized(delta)
+            tol = 16 * torch.finfo(delta.dtype).eps if self.cg_tol is None else self.cg_tol
+            u, rel, iters = cgls(self.operators(t), delta, self.reg, tol=tol, max_iter=self.cg_max_iter,
+                                 check_every=self.cg_check_every or (1 if delta.device.type == "cpu" else 4))
+            self._add(cg_sum=float(iters), cg_calls=1.0, cg_max=float(iters), cg_rel_max=rel.max())
+            return u
 
     # -- the nonlinear inverse -----------------------------------------------------------------------------------
 
@@ -359,6 +533,9 @@ class DenseInverse(InverseSolver):
         """The diagnostics since :meth:`bind` (keys in the class docstring), as Python floats."""
         s = {k: float(v) for k, v in self._stats.items()}
         return {
+            "cg_iterations_max": s.get("cg_max", 0.0),
+            "cg_iterations_mean": s.get("cg_sum", 0.0) / max(s.get("cg_calls", 0.0), 1.0),
+            "cg_relative_residual_max": s.get("cg_rel_max", 0.0),
             "factorized_steps": s.get("factorized_steps", 0.0),
             "gn_iterations_max": s.get("gn_max", 0.0),
             "gn_iterations_mean": s.get("gn_sum", 0.0) / max(s.get("gn_rows", 0.0), 1.0),

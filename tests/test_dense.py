@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import seqtp
-from seqtp._dense import factorize, step_jacobian
+from seqtp._dense import LINEAR_SOLVERS, factorize, step_jacobian
 from seqtp._targets import DENSE_MAX_STATE, auto_solver_name, make_solver
 
 F64 = torch.float64
@@ -60,13 +60,15 @@ def test_factor_solves_the_normal_equations(kind):
     torch.testing.assert_close(factor.linearized(d), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("linear_solver", LINEAR_SOLVERS)
 @pytest.mark.parametrize("kind", list(MODULES))
-def test_linearized_equals_independent_dense_solve(kind):
+def test_linearized_equals_independent_dense_solve(kind, linear_solver):
     """Every step of the linearized rule against ``(J^T J + r I)^{-1} J^T delta`` from autograd Jacobians, and the
     whole propagation against the same recursion written out densely (chunked over steps: two steps per chunk)."""
     _, cell, x, states, direct = _setup(kind)
     batch, seq_len, size = states.shape
-    solver = seqtp.DenseInverse(reg=REG, chunk_bytes=2 * batch * size * size * 8).bind(cell, x, states)
+    solver = seqtp.DenseInverse(reg=REG, chunk_bytes=2 * batch * size * size * 8,
+                                linear_solver=linear_solver).bind(cell, x, states)
     prev = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)  # [B, T, S]
     eye = torch.eye(size, dtype=F64)
     delta = direct[:, -1]
@@ -154,16 +156,57 @@ def _initial_params(kind):
 
 
 def test_options_are_checked():
-    for bad in ({"tol": -1.0}, {"max_iter": 0}, {"max_backtracks": -1}, {"chunk_bytes": 0}, {"reg": 0.0}):
+    for bad in ({"tol": -1.0}, {"max_iter": 0}, {"max_backtracks": -1}, {"chunk_bytes": 0}, {"reg": 0.0},
+                {"linear_solver": "lu"}, {"cg_tol": -1.0}, {"cg_max_iter": 0}, {"cg_check_every": 0}):
         with pytest.raises(ValueError):
             seqtp.DenseInverse(**{"reg": 1.0, **bad})
     with pytest.raises(ValueError, match="solver 'dense'"):
         make_solver("dense", cell=seqtp.make_cell(MODULES["gru"](2, 4)), reg=1.0, space="output")
 
 
-def test_non_finite_states_raise_factorization_error():
+@pytest.mark.parametrize("linear_solver", LINEAR_SOLVERS)
+def test_non_finite_states_raise_factorization_error(linear_solver):
     _, cell, x, states, direct = _setup("gru")
     states = states.clone()
     states[0, 2, 0] = float("nan")
     with pytest.raises(seqtp.FactorizationError):
-        seqtp.DenseInverse(reg=REG).bind(cell, x, states).propagate(direct)
+        seqtp.DenseInverse(reg=REG, linear_solver=linear_solver).bind(cell, x, states).propagate(direct)
+
+
+@pytest.mark.parametrize("cg_tol", [1e-3, 1e-7])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_cg_equals_cholesky_within_its_tolerance(kind, cg_tol):
+    """Each CG step is within ``cond * cg_tol`` (relative, ``cond = (|J|^2 + r) / r``) of the Cholesky step, where
+    ``|s_k| <= cg_tol |s_0|``; whole propagations with the default tolerance agree to roundoff."""
+    _, cell, x, states, direct = _setup(kind, hidden=8)
+    cg = seqtp.DenseInverse(reg=REG, linear_solver="cg", cg_tol=cg_tol).bind(cell, x, states)
+    chol = seqtp.DenseInverse(reg=REG, linear_solver="cholesky").bind(cell, x, states)
+    prev = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)  # [B, T, S]
+    for t in range(1, states.shape[1]):
+        delta = direct[:, t] + 0.5 * torch.randn_like(direct[:, t])  # [B, S]
+        got, ref = cg.linearized(t, delta), chol.linearized(t, delta)  # [B, S]
+        sigma = torch.linalg.matrix_norm(_reference_jacobians(cell, prev[:, t], x[:, t]), ord=2)  # [B]
+        bound = (sigma.square() + REG) / REG * cg_tol * ref.norm(dim=-1)  # [B]
+        assert ((got - ref).norm(dim=-1) <= bound + 1e-14).all()
+    report = cg.report()
+    assert report["cg_relative_residual_max"] <= cg_tol and report["cg_iterations_max"] >= 1
+    cg = seqtp.DenseInverse(reg=REG).bind(cell, x, states)
+    chol.bind(cell, x, states)
+    torch.testing.assert_close(cg.propagate(direct), chol.propagate(direct), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_cg_error_falls_with_iterations(kind):
+    """With ``cg_tol = 0`` the error of the CG step against the Cholesky step falls strictly with ``cg_max_iter``
+    (CG's error norm is monotone) and reaches roundoff."""
+    _, cell, x, states, direct = _setup(kind, hidden=8)
+    t = 4
+    ref = seqtp.DenseInverse(reg=REG, linear_solver="cholesky").bind(cell, x, states).linearized(t, direct[:, t])
+    errors = []
+    for iters in (1, 2, 3, 4, cell.state_size):  # CG reaches u* in S iterations in exact arithmetic
+        cg = seqtp.DenseInverse(reg=REG, cg_tol=0.0, cg_max_iter=iters).bind(cell, x, states)
+        errors.append(float((cg.linearized(t, direct[:, t]) - ref).norm(dim=-1).max()))  # the largest row error
+        assert cg.report()["cg_iterations_max"] == iters
+    assert errors[0] > 1e-4 * float(ref.norm(dim=-1).max())
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 1e-12
