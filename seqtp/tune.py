@@ -311,7 +311,9 @@ def _open_storage(url: str) -> optuna.storages.RDBStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
                                                   grace_period=GRACE_S)
-        except sqlalchemy.exc.OperationalError as e:  # two workers creating one SQLite file race on its tables
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as e:
+            # two workers creating one SQLite file race on its tables (a locked file, or both inserting the schema
+            # version): the later one retries and finds the tables made
             if attempt == 4 or not url.startswith("sqlite"):
                 raise ConfigError(f"--storage {url}: cannot open ({str(e).splitlines()[0]})") from None
             time.sleep(0.5 * (attempt + 1))

@@ -314,7 +314,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize(
     ("change", "key"),
-    [("tp.lr=0.05", "tp.lr"), ("model.hidden_size=9", "model.hidden_size"), ("method=bptt", "method"),
+    [("tp.lr=0.07", "tp.lr"), ("model.hidden_size=9", "model.hidden_size"), ("method=bptt", "method"),
      ("seed=1", "seed"), ("train.eval_every=1", "train.eval_every")],
 )
 def test_resume_with_a_changed_key(change: str, key: str, tmp_path: Path, capsys) -> None:

@@ -62,7 +62,9 @@ def no_flush(monkeypatch):
 
 
 # (solver, mode, nonlinearity) cases whose unflushed recursion goes subnormal (checked, so the tests can fail)
-DECAYING = {(name, "linearized", "tanh") for name in SOLVERS} | {("analytic", "difference", "relu")}
+# Cases whose unflushed shifts go subnormal (the negative control). The dense solver's CG rescales every row by
+# |J^T delta| before solving and stops at a relative tolerance, so its unflushed shifts stay normal here.
+DECAYING = {(name, "linearized", "tanh") for name in SOLVERS if name != "dense"} | {("analytic", "difference", "relu")}
 CASES = sorted(DECAYING | {(name, mode, "tanh") for name in SOLVERS for mode in MODES})
 
 
