@@ -79,15 +79,20 @@ class StepOperator(NamedTuple):
     :data:`seqtp.CELLS` (module docstring), never formed: ``ds`` ``[N, nb(in), nb(out), H]`` the diagonals of
     ``d f / d s`` with the gates held fixed, ``dg`` ``[N, G, nb(out), H]`` the diagonals of ``d f / d g``, and
     ``w_hh`` ``[G*H, H]``, so that ``J[n, o*H + i, k*H + j] = [i = j] ds[n, k, o, i] + [k = 0] sum_g dg[n, g, o, i]
-    W_hh[g*H + i, j]``. Each product costs ``O(S (nb + G))`` per row and one ``[N, G*H] x [G*H, H]`` matmul."""
+    W_hh[g*H + i, j]``. Each product costs ``O(S (nb + G))`` per row and one ``[N, G*H] x [G*H, H]`` matmul.
+    ``diag_t`` ``[N, nb(out), nb + G, H]``, optional, holds both, ``diag_t[n, o, k] = ds[n, k, o]`` for ``k < nb``
+    and ``dg[n, k - nb, o]`` after (:func:`step_operator` makes ``ds`` and ``dg`` views of it; :func:`cgls` builds it
+    when absent)."""
 
     ds: torch.Tensor
     dg: torch.Tensor
     w_hh: torch.Tensor
+    diag_t: torch.Tensor | None = None
 
     def rows(self, index: slice) -> StepOperator:
         """The operator of the rows ``index``."""
-        return StepOperator(self.ds[index], self.dg[index], self.w_hh)
+        diag_t = None if self.diag_t is None else self.diag_t[index]
+        return StepOperator(self.ds[index], self.dg[index], self.w_hh, diag_t)
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """``J v`` ``[N, S]`` for ``v`` ``[N, S]``."""
@@ -159,8 +164,9 @@ def step_operator(cell: Cell, state: torch.Tensor, x: torch.Tensor) -> StepOpera
         return torch.func.jvp(step, (state, gh), (ts.expand(n_rows, -1), tg.expand(n_rows, -1)))[1]
 
     dirs = torch.func.vmap(directional)(tangents_s, tangents_g)  # [nb + G, N, S]
-    dirs = dirs.view(n_blocks + n_gates, n_rows, n_blocks, hidden).transpose(0, 1)  # [N, nb + G, nb(out), H]
-    return StepOperator(dirs[:, :n_blocks].contiguous(), dirs[:, n_blocks:].contiguous(), w_hh)
+    diag_t = dirs.view(n_blocks + n_gates, n_rows, n_blocks, hidden).permute(1, 2, 0, 3).contiguous()
+    diag = diag_t.transpose(1, 2)  # [N, nb + G, nb(out), H] (a view of diag_t [N, nb(out), nb + G, H])
+    return StepOperator(diag[:, :n_blocks], diag[:, n_blocks:], w_hh, diag_t)
 
 
 def step_jacobian(cell: Cell, state: torch.Tensor, x: torch.Tensor) -> Linearization:
@@ -178,7 +184,7 @@ def step_jacobian(cell: Cell, state: torch.Tensor, x: torch.Tensor) -> Lineariza
     Raises:
         ValueError: a state of more than two blocks of ``H`` (no such cell in :data:`seqtp.CELLS`).
     """
-    ds, dg, w_hh = step_operator(cell, state, x)
+    ds, dg, w_hh, _ = step_operator(cell, state, x)
     n_rows, n_blocks, _, hidden = ds.shape
     w_units = w_hh.reshape(-1, hidden, hidden)  # [G, H(i), H(j)]
     # the columns of h: sum_g dg[n, g, o, i] W_g[i, j] + [i = j] ds[n, 0, o, i], by broadcast products (a batched
@@ -214,32 +220,72 @@ def cgls(op: StepOperator, delta: torch.Tensor, reg: float, *, tol: float, max_i
         ``(u, relative_residual, iterations)``: ``u`` ``[N, S]``, ``|s_k| / |s_0|`` ``[N]`` (0 where ``s_0 = 0``) and
         the iterations run.
     """
-    s = op.apply_t(delta)  # [N, S]
+    # J v = sum_k diag[:, k] * lift(v)_k with lift(v) = (v_1..v_nb, W_hh v_h) [N, K, H], K = nb + G, and
+    # J^T w = t_s + [h] t_g W_hh with t = sum_o diag[:, :, o] * w_o [N, K, H]; every buffer and view is made once
+    n_rows, n_blocks, _, hidden = op.ds.shape
+    size = n_blocks * hidden
+    diag_t = op.diag_t  # [N, nb(out), K, H]
+    if diag_t is None:
+        diag_t = torch.cat([op.ds, op.dg], dim=1).transpose(1, 2).contiguous()
+    n_terms = diag_t.shape[2]
+    diag_o = diag_t.unbind(1)  # nb x [N, K, H]
+    w_t = op.w_hh.T  # [H, G*H]
+    lifted = delta.new_empty(n_rows, n_terms, hidden)  # [N, K, H]: lift(p), or the terms t of J^T z
+    lifted_2d = lifted.view(n_rows, n_terms * hidden)  # [N, K*H]
+    lifted_s, lifted_g, lifted_h = lifted_2d[:, :size], lifted_2d[:, size:], lifted[:, 0]  # [N, S], [N, G*H], [N, H]
+    lifted_b = lifted.unsqueeze(1)  # [N, 1, K, H]
+    terms = delta.new_empty(n_rows, n_blocks, n_terms, hidden)  # [N, nb(out), K, H]
+    q = delta.new_empty(n_rows, size)  # [N, S]: J p
+    q_3 = q.view(n_rows, n_blocks, hidden)  # [N, nb(out), H]
+    s = delta.new_empty(n_rows, size)  # [N, S]: J^T z - r u
+    s_h, s_c, lifted_c = s[:, :hidden], s[:, hidden:], lifted_2d[:, hidden:size]  # [N, H], [N, S - H], [N, S - H]
+    z = delta.clone()  # [N, S]
+    z_o = [z[:, o * hidden : (o + 1) * hidden].unsqueeze(1) for o in range(n_blocks)]  # nb x [N, 1, H]
+    p = torch.empty_like(delta)  # [N, S]
+    p_h = p[:, :hidden]  # [N, H]
+
+    def apply_t() -> None:  # s = J^T z
+        torch.mul(diag_o[0], z_o[0], out=lifted)  # [N, K, H]
+        for o in range(1, n_blocks):
+            lifted.addcmul_(diag_o[o], z_o[o])
+        if n_blocks > 1:
+            s_c.copy_(lifted_c)
+        torch.addmm(lifted_h, lifted_g, op.w_hh, out=s_h)  # [N, H]
+
+    apply_t()  # J^T delta
     norm0 = torch.linalg.vector_norm(s, dim=-1, keepdim=True)  # [N, 1]
     scale = torch.where(norm0 > 0, norm0, 1.0)  # [N, 1]: each row solved for delta / |J^T delta| (no underflow)
-    z = delta / scale
-    s = s / scale
-    p = s
+    z.div_(scale)
+    s.div_(scale)
+    p.copy_(s)
     u = torch.zeros_like(delta)
     gamma = torch.linalg.vecdot(s, s).unsqueeze(-1)  # [N, 1]: 1, or 0 where J^T delta = 0
     threshold = tol * tol
     tiny = torch.finfo(delta.dtype).tiny
+    denom = delta.new_empty(n_rows)  # [N]
+    alpha = delta.new_empty(n_rows, 1)  # [N, 1]
+    denom_1 = denom.unsqueeze(-1)  # [N, 1]
     k = 0
     while k < max_iter:
-        active = gamma > threshold  # [N, 1]: the rows that go on (a met row keeps its u)
-        if k % check_every == 0 and not bool(active.any()):  # host sync: one per check_every iterations
+        gamma_on = torch.where(gamma > threshold, gamma, 0.0)  # [N, 1]: 0 on the met rows (which keep their u)
+        if k % check_every == 0 and not (n_rows and gamma_on.max().item() > 0):  # host sync per check_every steps
             break
-        q = op.apply(p)  # [N, S]
-        denom = torch.add(torch.linalg.vecdot(q, q), torch.linalg.vecdot(p, p), alpha=reg).unsqueeze(-1)  # [N, 1]
-        alpha = torch.where(active, gamma / denom.clamp_min(tiny), 0.0)  # [N, 1]
+        lifted_s.copy_(p)  # q = J p
+        torch.mm(p_h, w_t, out=lifted_g)  # [N, G*H]
+        torch.mul(diag_t, lifted_b, out=terms)  # [N, nb(out), K, H]
+        torch.sum(terms, dim=2, out=q_3)
+        torch.linalg.vecdot(q, q, out=denom)
+        denom.add_(torch.linalg.vecdot(p, p), alpha=reg).clamp_min_(tiny)  # |q|^2 + r |p|^2
+        torch.div(gamma_on, denom_1, out=alpha)  # [N, 1]
         u.addcmul_(alpha, p)
-        z = torch.addcmul(z, alpha, q, value=-1)
-        s = op.apply_t(z).sub_(u, alpha=reg)
-        gamma_next = torch.linalg.vecdot(s, s).unsqueeze(-1)
-        p = torch.addcmul(s, gamma_next / gamma.clamp_min(tiny), p)
+        z.addcmul_(alpha, q, value=-1)
+        apply_t()
+        s.sub_(u, alpha=reg)
+        gamma_next = torch.linalg.vecdot(s, s).unsqueeze(-1)  # [N, 1]
+        torch.addcmul(s, gamma_next / gamma.clamp_min_(tiny), p, out=p)  # p = s + |s_{k+1}|^2 / |s_k|^2 p
         gamma = gamma_next
         k += 1
-    return u * scale, gamma.squeeze(-1).sqrt(), k
+    return u.mul_(scale), gamma.squeeze(-1).sqrt(), k
 
 
 class Factor(NamedTuple):
