@@ -35,7 +35,7 @@ import torch
 
 from ._cells import Cell
 from ._inverse import FactorizationError
-from ._solvers import InverseSolver
+from ._solvers import InverseSolver, fold_stats
 
 LINEAR_SOLVERS = ("cg", "cholesky")
 """The solvers of the linearized rule of :class:`DenseInverse`."""
@@ -460,7 +460,7 @@ class DenseInverse(InverseSolver):
             if not op.ds.is_cuda and not bool(torch.isfinite(op.ds).all() & torch.isfinite(op.dg).all()):
                 raise FactorizationError(f"non-finite Jacobians of the steps {first}..{t} (reg={self.reg})")
             chunk = self._op_chunk = (first, t + 1, batch, op)
-            self._add(factorized_steps=float(steps))
+            fold_stats(self._stats, factorized_steps=float(steps))
         first, _, batch, op = chunk
         return op.rows(slice((t - first) * batch, (t - first + 1) * batch))
 
@@ -477,7 +477,7 @@ class DenseInverse(InverseSolver):
                                     self.x[:, first : t + 1].transpose(0, 1).reshape(steps * batch, -1))  # [C*B]
                 factor = factorize(lin, self.reg)  # rows [C*B]
             chunk = self._chunk = (first, t + 1, batch, factor)
-            self._add(factorized_steps=float(steps))
+            fold_stats(self._stats, factorized_steps=float(steps))
         first, _, batch, factor = chunk
         rows = slice((t - first) * batch, (t - first + 1) * batch)
         lin = factor.lin
@@ -488,14 +488,14 @@ class DenseInverse(InverseSolver):
     def linearized(self, t: int, delta: torch.Tensor) -> torch.Tensor:
         """``(J_t^T J_t + r I)^{-1} J_t^T delta`` ``[B, S]``: by :func:`cgls` with the matrix-free ``J_t``
         (``linear_solver="cg"``) or with the precomputed Cholesky factor (``"cholesky"``)."""
-        self._add(linearized_calls=1.0)
+        fold_stats(self._stats, linearized_calls=1.0)
         with torch.no_grad():
             if self.linear_solver == "cholesky":
                 return self.factors(t).linearized(delta)
             tol = 16 * torch.finfo(delta.dtype).eps if self.cg_tol is None else self.cg_tol
             u, rel, iters = cgls(self.operators(t), delta, self.reg, tol=tol, max_iter=self.cg_max_iter,
                                  check_every=self.cg_check_every or (1 if delta.device.type == "cpu" else 4))
-            self._add(cg_sum=float(iters), cg_calls=1.0, cg_max=float(iters), cg_rel_max=rel.max())
+            fold_stats(self._stats, cg_sum=float(iters), cg_calls=1.0, cg_max=float(iters), cg_rel_max=rel.max())
             return u
 
     # -- the nonlinear inverse -----------------------------------------------------------------------------------
@@ -539,8 +539,8 @@ class DenseInverse(InverseSolver):
                 u = u + alpha[:, None] * du
                 steps = steps + moving.to(steps.dtype)
                 step_rel = torch.where(moving, du_rel, step_rel)
-            self._add(invert_calls=1.0, gn_sum=steps.sum(), gn_rows=float(rows), gn_max=steps.max(),
-                      rel_max=measure.max(), converged=(met & ~stalled).all())
+            fold_stats(self._stats, invert_calls=1.0, gn_sum=steps.sum(), gn_rows=float(rows), gn_max=steps.max(),
+                       rel_max=measure.max(), converged=(met & ~stalled).all())
             return u
 
     def _line_search(self, u, du, grad, v, prev, x_t, *, skip):
@@ -562,18 +562,6 @@ class DenseInverse(InverseSolver):
         return torch.where(ok, alpha, 0.0)
 
     # -- diagnostics ---------------------------------------------------------------------------------------------
-
-    def _add(self, **values) -> None:
-        s = self._stats
-        for key, value in values.items():
-            if key not in s:
-                s[key] = value
-            elif key.endswith("_max"):
-                s[key] = torch.maximum(torch.as_tensor(s[key]), torch.as_tensor(value))
-            elif key == "converged":
-                s[key] = torch.as_tensor(s[key]) & value
-            else:
-                s[key] = s[key] + value
 
     def report(self) -> dict[str, float]:
         """The diagnostics since :meth:`bind` (keys in the class docstring), as Python floats."""

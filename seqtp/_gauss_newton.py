@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ._cells import Cell, inverse_activation, inverse_activation_grad
-from ._solvers import InverseSolver
+from ._solvers import InverseSolver, fold_stats
 
 SPACES = ("output", "preactivation")
 
@@ -211,7 +211,7 @@ class GaussNewtonInverse(InverseSolver):
             iters = iters + active.to(iters.dtype)
             active = active & (rs > threshold)
         rel = torch.where(nontrivial, (rs / b2.clamp_min(tiny)).sqrt(), 0.0)  # [B]
-        self._accumulate(cg_sum=(iters * nontrivial).sum(), cg_rows=nontrivial.sum(), cg_max=iters.max())
+        fold_stats(self._stats, cg_sum=(iters * nontrivial).sum(), cg_rows=nontrivial.sum(), cg_max=iters.max())
         return x * b_scale, rel
 
     def _normal_operator(self, fn: Map, u: torch.Tensor, value: torch.Tensor, jt: Map) -> Map:
@@ -262,9 +262,9 @@ class GaussNewtonInverse(InverseSolver):
                 u = u + du
                 steps = steps + moving.to(steps.dtype)
                 step_rel = torch.where(moving, du_rel, step_rel)
-            self._accumulate(
-                invert_calls=1, gn_sum=steps.sum(), gn_rows=rows, gn_max=steps.max(), rel_max=measure.max(),
-                grad_max=gnorm.max(), converged=(met & ~stalled).all(),
+            fold_stats(
+                self._stats, invert_calls=1, gn_sum=steps.sum(), gn_rows=rows, gn_max=steps.max(),
+                rel_max=measure.max(), grad_max=gnorm.max(), converged=(met & ~stalled).all(),
             )
             return u
 
@@ -302,7 +302,7 @@ class GaussNewtonInverse(InverseSolver):
             if bool(ok.all()):  # host sync: one per trial step
                 break
             alpha = torch.where(ok, alpha, alpha / 2)
-        self._accumulate(backtracks_max=torch.log2(1 / alpha).max().round())
+        fold_stats(self._stats, backtracks_max=torch.log2(1 / alpha).max().round())
         return torch.where(ok, alpha, 0.0)
 
     def linearized(self, t: int, delta: torch.Tensor) -> torch.Tensor:
@@ -320,23 +320,10 @@ class GaussNewtonInverse(InverseSolver):
                 return vjp_fn(w)[0]  # [B, S'] -> [B, S]
 
             out, rel = self._cg(self._normal_operator(fn, prev, value, jt), jt(d))  # [B, S], [B]
-            self._accumulate(linearized_calls=1, rel_max=rel.max(), converged=(rel <= self.cg_tol).all())
+            fold_stats(self._stats, linearized_calls=1, rel_max=rel.max(), converged=(rel <= self.cg_tol).all())
             return out
 
     # -- diagnostics ---------------------------------------------------------------------------------------------
-
-    def _accumulate(self, **values) -> None:
-        """Fold one call's diagnostics into the running totals (sums, maxima, logical and), on the device."""
-        s = self._stats
-        for key, value in values.items():
-            if key not in s:
-                s[key] = value
-            elif key.endswith("_max"):
-                s[key] = torch.maximum(s[key], value)
-            elif key == "converged":
-                s[key] = s[key] & value
-            else:
-                s[key] = s[key] + value
 
     def report(self) -> dict[str, float]:
         """The diagnostics since :meth:`bind` (keys in the class docstring), as Python floats."""

@@ -22,6 +22,20 @@ from .kernels import BACKENDS, SINGLE_TILE_MAX, choose_backend
 MODES = ("linearized", "difference", "exact")
 
 
+def fold_stats(stats: dict, **values) -> None:
+    """Fold one call's diagnostics into a solver's running ``stats`` in place, on the device (no host sync): keys
+    ending in ``_max`` keep the maximum, ``converged`` the logical and, the others the sum."""
+    for key, value in values.items():
+        if key not in stats:
+            stats[key] = value
+        elif key.endswith("_max"):
+            stats[key] = torch.maximum(torch.as_tensor(stats[key]), torch.as_tensor(value))
+        elif key == "converged":
+            stats[key] = torch.as_tensor(stats[key]) & value
+        else:
+            stats[key] = stats[key] + value
+
+
 def cap_shift(delta: torch.Tensor, h: torch.Tensor, shift_cap: float | None) -> torch.Tensor:
     """Rescale each row so that ``|delta| <= shift_cap * |h|`` (no-op when ``shift_cap`` is ``None``).
 
