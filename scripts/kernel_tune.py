@@ -12,9 +12,9 @@ import torch
 import triton.testing
 
 import seqtp
-from seqtp._methods import local_update_grads_from_factor
-from seqtp._solvers import torch_shifts
+from seqtp.inverses import torch_shifts
 from seqtp.kernels._triton import fused_local_factor, fused_local_grads, fused_shifts
+from seqtp.methods import local_update_grads_from_factor
 
 
 def inputs(b, t, h, dtype=torch.float32):

@@ -16,19 +16,27 @@ Public API (everything else is private and may change):
 from . import _source_tree
 from ._alignment import alignment
 from ._cells import CELLS, Cell, elman_params, make_cell
-from ._dense import DenseInverse
-from ._gauss_newton import GaussNewtonInverse
-from ._inverse import ElmanInverse, FactorizationError
-from ._iterated import IteratedInverse
-from ._learned import LearnedInverse
-from ._methods import BPTT, METHODS, Method, TargetProp, local_update_grads, tp_backward
 from ._model import RNNModel
-from ._solvers import AnalyticInverse, InverseSolver
-from ._targets import SOLVERS, propagate_targets
+from .inverses import (
+    SOLVERS,
+    AnalyticInverse,
+    DenseInverse,
+    ElmanInverse,
+    FactorizationError,
+    GaussNewtonInverse,
+    InverseSolver,
+    IteratedInverse,
+    LearnedInverse,
+    propagate_targets,
+)
+from .methods import BPTT, DDTP, DRL, DTP, METHODS, GAITProp, Method, TargetProp, local_update_grads, tp_backward
 
 __all__ = [
     "BPTT",
     "CELLS",
+    "DDTP",
+    "DRL",
+    "DTP",
     "METHODS",
     "SOLVERS",
     "AnalyticInverse",
@@ -36,6 +44,7 @@ __all__ = [
     "DenseInverse",
     "ElmanInverse",
     "FactorizationError",
+    "GAITProp",
     "GaussNewtonInverse",
     "InverseSolver",
     "IteratedInverse",

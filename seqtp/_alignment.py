@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ._cells import make_cell
-from ._methods import Method
+from .methods import Method
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -23,7 +23,7 @@ Variants (names for ``bench(variants=...)`` and ``--variants``):
 
 Cells (``bench(cells=...)``, ``--cell``): ``elman`` (default; ``torch.nn.RNN``), ``gru`` and ``lstm``
 (``torch.nn.GRU`` / ``torch.nn.LSTM`` inside :class:`seqtp.RNNModel`). For GRU and LSTM, the ``tp-{mode}-{update}``
-variants run ``solver="auto"`` (:func:`seqtp._targets.auto_solver_name`: the dense inverse for moderate state
+variants run ``solver="auto"`` (:func:`seqtp.inverses.auto_solver_name`: the dense inverse for moderate state
 sizes, else Gauss-Newton-CG), and the Elman-only variants (the naive loop, the CUDA backends) are left out. Each row
 names its ``cell`` and TP ``solver`` (``None`` for BPTT); BPTT runs on every cell, and each TP row's ratios are to the
 BPTT row of the same cell and shape.
@@ -49,10 +49,9 @@ import torch
 import torch.nn.functional as F
 
 from ._cells import activation, inverse_activation_grad, make_cell
-from ._inverse import FactorizationError
-from ._methods import BPTT, UPDATES, Method, TargetProp
 from ._model import CELL_KINDS, RNNModel
-from ._targets import MODES, auto_solver_name
+from .inverses import MODES, FactorizationError, auto_solver_name
+from .methods import BPTT, UPDATES, Method, TargetProp
 
 Shape = tuple[int, int, int, int]  # (batch B, seq_len T, hidden H, input D)
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from ._targets import SOLVERS
+from .inverses import SOLVERS
+from .methods import METHODS, Method
 from .tasks import TASKS
 
 
@@ -64,38 +65,6 @@ class OptimizerFields:
 
 
 @dataclass(frozen=True)
-class TPConfig(OptimizerFields):
-    """TP by regularized inversion (``seqtp.TargetProp``); the defaults are the paper code's settings, with SGD at
-    ``lr = 0.05`` (the paper's 0.1 is unstable on temporal order T = 60)."""
-
-    lr: float = 0.05
-    reg: float = 10.0
-    target_lr: float = 1e-2
-    mode: str = "linearized"  # linearized | difference | exact
-    update: str = "through_time"  # local | through_time
-    eps: float = 1e-3
-    shift_cap: float | None = None  # |delta_t| <= shift_cap * |h_t| at every step
-    solver: str = "auto"  # auto (elman: analytic; GRU/LSTM: dense for small states, else gauss_newton) | a SOLVERS name
-    space: str | None = None  # gauss_newton: output | preactivation (elman only)
-    tol: float | None = None  # gauss_newton / iterated: stopping tolerance
-    max_iter: int | None = None  # gauss_newton: Gauss-Newton iterations
-    steps: int | None = None  # iterated: refinement steps K
-    feedback_lr: float | None = None  # learned: SGD step of the feedback cell
-    noise: float | None = None  # learned: reconstruction noise sigma
-
-
-@dataclass(frozen=True)
-class BPTTConfig(OptimizerFields):
-    """Backprop through time (``seqtp.BPTT``): SGD with Nesterov momentum and gradient clipping by default."""
-
-    lr: float = 1e-2
-    momentum: float = 0.9
-    nesterov: bool = True
-    clip: float | None = 1.0  # global gradient-norm clipping (null: none)
-    truncation: int | None = None  # truncated BPTT every k steps
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 20
@@ -103,26 +72,111 @@ class TrainConfig:
     alignment_every: int = 0  # at evaluations whose step is a multiple of this: the update vs BPTT (0 = off)
 
 
-@dataclass(frozen=True)
-class Config:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    method: str = "tp"  # tp | bptt
-    task: TaskConfig = field(default_factory=TaskConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tp: TPConfig = field(default_factory=TPConfig)
-    bptt: BPTTConfig = field(default_factory=BPTTConfig)
+_SIMPLE = (bool, int, float, str)
+_NONE = type(None)
 
 
-METHOD_NAMES = ("tp", "bptt")
-# tp.<key> options that are handed to the solver: each belongs to the solvers of ``SOLVERS`` whose constructor
-# takes it (read from their signatures, so a new solver needs no edit here).
-_SOLVER_KEYS = ("space", "tol", "max_iter", "steps", "feedback_lr", "noise")
-SOLVER_OPTIONS = {
-    key: tuple(name for name, cls in SOLVERS.items() if key in inspect.signature(cls).parameters)
-    for key in _SOLVER_KEYS
-}
+def _schema_type(annotation):
+    """The config type of a constructor annotation: ``bool``/``int``/``float``/``str``, ``X | None``, or the one
+    simple member of a wider union (``str | InverseSolver`` -> ``str``); ``None`` where there is none (``dict``)."""
+    if annotation in _SIMPLE:
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        simple = [a for a in args if a in _SIMPLE]
+        if len(simple) == 1:
+            return simple[0] | None if _NONE in args else simple[0]
+    return None
+
+
+def _solver_option_types() -> dict[str, tuple[type, tuple[str, ...]]]:
+    """``key -> (type, owners)`` for every ``config_options`` key of the solvers in ``SOLVERS``, typed by the owners'
+    constructor annotations (which must agree)."""
+    out: dict[str, tuple[type, tuple[str, ...]]] = {}
+    for name, cls in SOLVERS.items():
+        hints = typing.get_type_hints(cls.__init__)
+        for key in cls.config_options:
+            tp = _schema_type(hints[key])
+            if tp is None or typing.get_args(tp):
+                raise TypeError(f"{cls.__name__}.config_options: {key!r} must be annotated bool, int, float or str")
+            prev = out.get(key)
+            if prev is not None and prev[0] is not tp:
+                raise TypeError(f"solver option {key!r}: {prev[0].__name__} in {'/'.join(prev[1])}, {tp.__name__} in "
+                                f"{name}")
+            out[key] = (tp, (*prev[1], name) if prev else (name,))
+    return out
+
+
+SOLVER_OPTIONS_TYPES = _solver_option_types()
+SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {k: owners for k, (_, owners) in SOLVER_OPTIONS_TYPES.items()}
+"""Config key -> the solvers that take it (from each solver's ``config_options``)."""
+
+
+def method_options(cls: type[Method]) -> dict[str, tuple[type, object]]:
+    """The method's own config fields: ``name -> (type, default)`` for each keyword-only constructor option with a
+    simple annotation (see :class:`seqtp.Method`), defaults from ``config_defaults`` before the constructor's."""
+    hints = typing.get_type_hints(cls.__init__)
+    out = {}
+    for p in inspect.signature(cls.__init__).parameters.values():
+        tp = _schema_type(hints.get(p.name)) if p.kind is inspect.Parameter.KEYWORD_ONLY else None
+        if tp is None:
+            continue
+        default = cls.config_defaults.get(p.name, p.default)
+        if default is inspect.Parameter.empty:
+            raise TypeError(f"{cls.__name__}: option {p.name!r} has no default (give one in config_defaults)")
+        out[p.name] = (tp, default)
+    return out
+
+
+def _section(name: str, cls: type[Method]) -> type:
+    """The frozen dataclass of config section ``name``: :class:`OptimizerFields` (defaults from ``config_defaults``),
+    the method's options, and for ``takes_solver_options`` methods every solver option (``None``: the solver's
+    default)."""
+    optimizer_types = typing.get_type_hints(OptimizerFields)
+    fields = [(k, optimizer_types[k], field(default=cls.config_defaults[k])) for k in optimizer_types
+              if k in cls.config_defaults]
+    fields += [(k, tp, field(default=d)) for k, (tp, d) in method_options(cls).items()]
+    if cls.takes_solver_options:
+        fields += [(k, tp | None, field(default=None)) for k, (tp, _) in SOLVER_OPTIONS_TYPES.items()]
+    doc = (f"Config section ``{name}:`` of :class:`{cls.__module__}.{cls.__qualname__}` (built from its constructor "
+           f"and ``config_defaults``).")
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields, bases=(OptimizerFields,), frozen=True,
+                                      namespace={"__doc__": doc, "__module__": __name__})
+
+
+SECTIONS: dict[str, type] = {name: _section(name, cls) for name, cls in METHODS.items()}
+"""Method name -> its config section's dataclass, one per entry of ``seqtp.METHODS``."""
+TPConfig, BPTTConfig = SECTIONS["tp"], SECTIONS["bptt"]
+METHOD_NAMES = tuple(METHODS)
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [("seed", int, field(default=0)),
+     ("device", str, field(default="auto")),  # auto | cpu | cuda | cuda:N
+     ("method", str, field(default="tp")),  # a key of seqtp.METHODS
+     ("task", TaskConfig, field(default_factory=TaskConfig)),
+     ("model", ModelConfig, field(default_factory=ModelConfig)),
+     ("train", TrainConfig, field(default_factory=TrainConfig)),
+     *((name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items())],
+    frozen=True,
+    namespace={"__doc__": "The whole experiment: task, model, training, and one section per method of "
+                          "``seqtp.METHODS``.", "__module__": __name__},
+)
+
+
+def method_kwargs(name: str, section) -> dict:
+    """The constructor keywords of method ``name`` from its config section (solver options, where the method takes
+    them, as ``solver_options`` with the keys that are set)."""
+    cls = METHODS[name]
+    kwargs = {k: getattr(section, k) for k in method_options(cls)}
+    if cls.takes_solver_options:
+        kwargs["solver_options"] = {k: getattr(section, k) for k in SOLVER_OPTIONS if getattr(section, k) is not None}
+    return kwargs
+
+
+def build_method(cfg) -> Method:
+    """The method of ``cfg.method`` built from its section."""
+    return METHODS[cfg.method](**method_kwargs(cfg.method, getattr(cfg, cfg.method)))
 
 
 def _coerce(value, tp, key: str):
@@ -280,30 +334,43 @@ def validate(cfg: Config) -> None:
         _check(value >= 1, f"train.{name}", "must be >= 1", value)
     _check(cfg.train.alignment_every >= 0, "train.alignment_every", "must be >= 0 (0 = off)",
            cfg.train.alignment_every)
-    for section in METHOD_NAMES:
-        m = getattr(cfg, section)
-        _one_of(m.optimizer, ("sgd", "adam"), f"{section}.optimizer")
-        _check(m.lr > 0, f"{section}.lr", "must be > 0", m.lr)
-        _check(0 <= m.momentum < 1, f"{section}.momentum", "must be in [0, 1)", m.momentum)
-    tp = cfg.tp
-    _check(tp.reg > 0, "tp.reg", "must be > 0", tp.reg)
-    _check(tp.target_lr > 0, "tp.target_lr", "must be > 0", tp.target_lr)
-    _one_of(tp.mode, ("linearized", "difference", "exact"), "tp.mode")
-    _one_of(tp.update, ("local", "through_time"), "tp.update")
-    _check(0 < tp.eps < 1, "tp.eps", "must be in (0, 1)", tp.eps)
-    _check(tp.shift_cap is None or tp.shift_cap > 0, "tp.shift_cap", "must be > 0 or null", tp.shift_cap)
-    _one_of(tp.solver, ("auto", *SOLVERS), "tp.solver")
-    if tp.solver == "analytic" and cfg.model.cell != "elman":
-        raise ConfigError(f"tp.solver=analytic needs model.cell=elman, got model.cell={cfg.model.cell}")
-    if tp.space is not None:
-        _one_of(tp.space, ("output", "preactivation"), "tp.space")
-    for key, owners in SOLVER_OPTIONS.items():
-        value = getattr(tp, key)
-        if value is not None and tp.solver not in owners:
-            raise ConfigError(f"tp.{key} does not apply to tp.solver={tp.solver} (it is an option of "
+    for name in METHOD_NAMES:
+        m = getattr(cfg, name)
+        _one_of(m.optimizer, ("sgd", "adam"), f"{name}.optimizer")
+        _check(m.lr > 0, f"{name}.lr", "must be > 0", m.lr)
+        _check(0 <= m.momentum < 1, f"{name}.momentum", "must be in [0, 1)", m.momentum)
+        _validate_method(cfg, name, m)
+
+
+def _validate_method(cfg: Config, name: str, section) -> None:
+    """A method's options are checked by its own constructor (and a named solver's by the solver's), so the schema
+    holds no copy of their rules; each message is prefixed by the section (``tp.reg must be > 0, got -1.0``)."""
+    cls = METHODS[name]
+    kwargs = method_kwargs(name, section)
+
+    def fail(e: Exception, owner: str):
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        known = msg.split(" ", 1)[0] in dataclasses.asdict(section)
+        raise ConfigError(f"{name}.{msg}" if known else f"{name}: {owner}: {msg}") from None
+
+    try:
+        cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        fail(e, cls.__name__)
+    if not cls.takes_solver_options:
+        return
+    solver, options = section.solver, kwargs["solver_options"]
+    if solver == "analytic" and cfg.model.cell != "elman":
+        raise ConfigError(f"{name}.solver=analytic needs model.cell=elman, got model.cell={cfg.model.cell}")
+    for key, value in options.items():
+        owners = SOLVER_OPTIONS[key]
+        if solver not in owners:
+            raise ConfigError(f"{name}.{key} does not apply to {name}.solver={solver} (it is an option of "
                               f"{' / '.join(owners)})")
-        if value is not None and key != "space":
-            _check(value > 0, f"tp.{key}", "must be > 0 or null", value)
-    b = cfg.bptt
-    _check(b.clip is None or b.clip > 0, "bptt.clip", "must be > 0 or null", b.clip)
-    _check(b.truncation is None or b.truncation >= 1, "bptt.truncation", "must be >= 1 or null", b.truncation)
+        if not isinstance(value, str):
+            _check(value > 0, f"{name}.{key}", "must be > 0 or null", value)
+    if solver in SOLVERS:
+        try:
+            SOLVERS[solver](reg=section.reg, **options)
+        except (ValueError, TypeError) as e:
+            fail(e, SOLVERS[solver].__name__)

@@ -31,10 +31,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from ._alignment import alignment
-from ._inverse import FactorizationError
-from ._methods import METHODS, Method
 from ._model import RNNModel
-from .config import SOLVER_OPTIONS, Config, ConfigError, config_from_dict, to_dict
+from .config import Config, ConfigError, build_method, config_from_dict, to_dict
+from .inverses import FactorizationError
+from .methods import Method
 from .tasks import TASKS, Task
 
 CHECKPOINT = "checkpoint.pt"
@@ -110,17 +110,6 @@ def build_model(cfg: Config, task: Task, device: torch.device) -> RNNModel:
         init=cfg.model.init,
     )
     return model.to(device)
-
-
-def build_method(cfg: Config) -> Method:
-    m = getattr(cfg, cfg.method)
-    if cfg.method == "tp":
-        options = {k: getattr(m, k) for k in SOLVER_OPTIONS if getattr(m, k) is not None}
-        kwargs = dict(reg=m.reg, target_lr=m.target_lr, mode=m.mode, update=m.update, eps=m.eps, shift_cap=m.shift_cap,
-                      solver=m.solver, solver_options=options)
-    else:
-        kwargs = dict(clip=m.clip, truncation=m.truncation)
-    return METHODS[cfg.method](**kwargs)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -84,14 +84,14 @@ import torch
 import yaml
 
 from .config import METHOD_NAMES, Config, ConfigError, config_from_dict, parse_overrides, to_dict
+from .methods import METHODS
 from .train import RunError, train
 
 if TYPE_CHECKING:  # optuna is imported where it is used, so that ``seqtp train`` does not pay for it
     import optuna
 
 DEFAULT_SPACE: dict[str, tuple[str, ...]] = {
-    "tp": ("tp.lr=1e-3:1", "tp.target_lr=1e-3:1", "tp.reg=1e-1:1e2"),
-    "bptt": ("bptt.lr=1e-4:1", "bptt.clip=1e-2:1e2"),
+    name: tuple(f"{name}.{spec}" for spec in cls.search_space) for name, cls in METHODS.items()
 }
 """The default search space of each method, in ``--space`` syntax (``LOW:HIGH`` with ``LOW > 0``: log-uniform)."""
 

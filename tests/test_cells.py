@@ -7,7 +7,7 @@ import torch
 
 import seqtp
 from seqtp._cells import make_cell
-from seqtp._methods import local_update_loss
+from seqtp.methods import local_update_loss
 
 F64 = torch.float64
 MODULES = {"elman": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}

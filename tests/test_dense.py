@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import seqtp
-from seqtp._dense import LINEAR_SOLVERS, factorize, step_jacobian
-from seqtp._targets import DENSE_MAX_STATE, auto_solver_name, make_solver
+from seqtp.inverses import DENSE_MAX_STATE, auto_solver_name, make_solver
+from seqtp.inverses.dense import LINEAR_SOLVERS, factorize, step_jacobian
 
 F64 = torch.float64
 MODULES = {

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from seqtp._cells import ElmanCell, make_cell
-from seqtp._gauss_newton import GaussNewtonInverse
-from seqtp._solvers import MODES, AnalyticInverse
+from seqtp.inverses import MODES, AnalyticInverse, GaussNewtonInverse
 
 DT = torch.float64
 TIGHT = {"tol": 1e-12, "cg_tol": 1e-13, "max_iter": 50}

@@ -9,10 +9,7 @@ import torch
 
 import seqtp
 from seqtp._cells import make_cell
-from seqtp._iterated import IteratedInverse
-from seqtp._learned import LearnedInverse
-from seqtp._solvers import AnalyticInverse, InverseSolver
-from seqtp._targets import make_solver
+from seqtp.inverses import AnalyticInverse, InverseSolver, IteratedInverse, LearnedInverse, make_solver
 
 F64 = torch.float64
 SIGMAS = (0.5, 0.8, 0.9, 1.0, 1.1, 1.2)  # singular values of W: sigma_min = 0.5
@@ -285,7 +282,7 @@ def test_gru_with_a_learned_base():
     cell, x, states = rnn_problem("gru")
     learned = LearnedInverse(feedback_lr=0.03, seed=1, reduction="sum")
     solver = IteratedInverse(base=learned, steps=20)
-    assert solver.fit == learned.fit and not hasattr(IteratedInverse(), "fit")
+    assert solver.trainable and solver.stateful and not IteratedInverse().trainable
     for _ in range(400):
         solver.fit(cell, x, states)
     solver.bind(cell, x, states)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import seqtp
-from seqtp._solvers import AnalyticInverse, torch_shifts
+from seqtp.inverses import AnalyticInverse, torch_shifts
 from seqtp.kernels import choose_backend, triton_available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,12 @@ def reference(states, direct, m, *, mode, nonlinearity, shift_cap):
     from seqtp._cells import inverse_activation
 
     out = torch.empty_like(s)
-    delta = seqtp._solvers.cap_shift(d[:, -1], s[:, -1], shift_cap)
+    delta = seqtp.inverses.cap_shift(d[:, -1], s[:, -1], shift_cap)
     out[:, -1] = delta
     for t in range(s.shape[1] - 1, 0, -1):
         h = s[:, t]
         back = (inverse_activation(h + delta, nonlinearity) - inverse_activation(h, nonlinearity)) @ mm.T
-        delta = seqtp._solvers.cap_shift(d[:, t - 1] + back, s[:, t - 1], shift_cap)
+        delta = seqtp.inverses.cap_shift(d[:, t - 1] + back, s[:, t - 1], shift_cap)
         out[:, t - 1] = delta
     return out
 
@@ -195,8 +195,8 @@ def kernel_errors(device: str) -> float:
     epilogues (``g = -delta * phi'(z) / B`` with ``|delta_t|``; the gradients accumulated in the kernel); ``T = 1``
     and ``T = 2`` included."""
     from seqtp._cells import activation_grad_from_output
-    from seqtp._methods import local_update_grads_from_factor
     from seqtp.kernels._triton import fused_local_factor, fused_local_grads, fused_shifts
+    from seqtp.methods import local_update_grads_from_factor
 
     worst = 0.0
     for hidden in (12, 150):

@@ -9,8 +9,7 @@ import torch
 
 import seqtp
 from seqtp._cells import make_cell
-from seqtp._learned import FeedbackCell, LearnedInverse
-from seqtp._solvers import InverseSolver
+from seqtp.inverses import FeedbackCell, InverseSolver, LearnedInverse
 
 F64 = torch.float64
 MODULES = {"elman": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}

@@ -7,8 +7,7 @@ import torch
 
 import seqtp
 from seqtp._cells import elman_forward, elman_params, inverse_activation
-from seqtp._inverse import ElmanInverse
-from seqtp._targets import cap_shift
+from seqtp.inverses import ElmanInverse, cap_shift
 
 F64 = torch.float64
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -117,7 +116,7 @@ def test_exact_rule_is_difference_rule_plus_reconstruction_error(device, nonline
     x = torch.randn(4, 9, 3, dtype=F64, device=device)
     states = torch.rand(4, 9, 6, dtype=F64, device=device) * 1.6 - 0.8  # [B, T, H]: not a forward pass
     direct = 0.05 * torch.randn_like(states)
-    from seqtp._solvers import InverseSolver, torch_shifts
+    from seqtp.inverses import InverseSolver, torch_shifts
 
     solver = seqtp.AnalyticInverse(reg=0.7, backend="torch").bind(seqtp.make_cell(model), x, states)
     exact = InverseSolver.propagate(solver, direct, mode="exact", shift_cap=shift_cap)  # the loop over psi_t
@@ -141,7 +140,7 @@ def test_exact_rule_is_difference_rule_plus_reconstruction_error(device, nonline
 def test_difference_shifts_equal_the_generic_loop(device, nonlinearity, shift_cap):
     """The batched-``a(h)`` loop of the difference rule (the torch and CUDA-graph path) against the generic solver loop
     that calls ``psi_t`` step by step."""
-    from seqtp._solvers import InverseSolver
+    from seqtp.inverses import InverseSolver
 
     model, x, states = make_problem(device, nonlinearity=nonlinearity)
     direct = 0.05 * torch.randn_like(states)

@@ -1,7 +1,7 @@
 """Decaying target shifts never become subnormal floats (slow on x86 cores), on every solver, rule and update.
 
 With a large ``reg`` the linearized shifts (and the difference rule's on relu cells, where ``a(0 + delta) - a(0) =
-delta``) decay geometrically backwards in time; without the flush of :func:`seqtp._solvers.flush_tiny` they pass
+delta``) decay geometrically backwards in time; without the flush of :func:`seqtp.inverses.flush_tiny` they pass
 through float32's subnormal range (below ``2^-126``) before they underflow to zero. The flush zeroes entries at or
 below ``2^-63`` (float32), where nothing that uses the shifts can see them: the tests check that it removes every
 subnormal value of the recursion's output, that it moves the shifts by at most the floor itself (``1e-19``, against
@@ -20,9 +20,8 @@ import pytest
 import torch
 
 import seqtp
-import seqtp._solvers as solvers_module
-from seqtp._solvers import flush_floor, flush_tiny
-from seqtp._targets import MODES, SOLVERS
+import seqtp.inverses.base as solvers_module
+from seqtp.inverses import MODES, SOLVERS, flush_floor, flush_tiny
 from seqtp.kernels import triton_available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +166,7 @@ def test_flush_denormal_mode_of_the_process_is_left_alone(user_setting):
 def kernel_subnormals() -> str:
     """Under TRITON_INTERPRET=1: ``"<kernel subnormals> <reference subnormals> <max |kernel - flushed torch|>"`` for
     the decaying linearized case and the relu difference case, through both tilings (H = 16 on chip, 136 streamed)."""
-    from seqtp._solvers import torch_shifts
+    from seqtp.inverses import torch_shifts
     from seqtp.kernels._triton import FLUSH_FLOOR, fused_shifts
 
     assert FLUSH_FLOOR == flush_floor(torch.float32)

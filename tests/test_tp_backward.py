@@ -109,15 +109,10 @@ def test_tp_backward_errors(rnn, kwargs, error, match):
 def reference_backward(self, model, x, loss_fn):
     """``TargetProp.backward`` before its split into ``targets()``-sharing steps and the update, kept verbatim as the
     reference of the bit-identity test below."""
-    from seqtp._methods import (
-        AnalyticInverse,
-        _accumulate,
-        complete_states,
-        hidden_states,
-        local_update_grads,
-        local_update_loss,
-        make_cell,
-    )
+    from seqtp._cells import make_cell
+    from seqtp.inverses import AnalyticInverse, complete_states
+    from seqtp.methods import accumulate as _accumulate
+    from seqtp.methods import hidden_states, local_update_grads, local_update_loss
 
     through_time = self.update == "through_time"
     with torch.set_grad_enabled(through_time):
@@ -134,7 +129,7 @@ def reference_backward(self, model, x, loss_fn):
     del direct_h
     solver = self.solver_for(cell)
     stats = {}
-    if hasattr(solver, "fit"):
+    if solver.trainable:  # (was: hasattr(solver, "fit"), before the abilities were declared on the base)
         if self._pending_state is not None:
             solver.bind(cell, x, states)  # creates the feedback weights, then restores them
             solver.load_state_dict(self._pending_state["solver"])

@@ -86,7 +86,7 @@ def _cap(delta, h, cap):
 
 FLUSH_FLOOR = 2.0**-63
 """``sqrt`` of float32's smallest normal number: the kernel zeroes shifts at or below it (float32 arithmetic), as
-:func:`seqtp._solvers.flush_tiny` does for the torch paths, so decaying shifts never become subnormal floats."""
+:func:`seqtp.inverses.flush_tiny` does for the torch paths, so decaying shifts never become subnormal floats."""
 
 
 @triton.jit
@@ -407,7 +407,7 @@ def fused_local_factor(
     """The recursion of :func:`fused_shifts` with the local update's first pass fused into its epilogue: instead of
     ``delta`` the kernel writes ``g_t = grad_scale * delta_t * phi'(z_t)`` (``phi'(z_t)`` from ``h_t``: ``1 - h_t^2``
     for tanh) and the row norms ``|delta_t|``; ``delta`` itself is never stored. With ``grad_scale = -1/B``, ``g`` is
-    ``dL_loc/dz`` of :func:`seqtp._methods.local_update_grads`. ``H <= 128`` only.
+    ``dL_loc/dz`` of :func:`seqtp.methods.local_update_grads`. ``H <= 128`` only.
 
     Args:
         states, direct, m, mode, nonlinearity, eps, shift_cap, block_b, num_warps, precision, prefetch: as in

@@ -24,8 +24,8 @@ import math
 import torch
 from torch import nn
 
-from ._cells import Cell
-from ._solvers import InverseSolver
+from .._cells import Cell
+from .base import InverseSolver
 
 FEEDBACK_NONLINEARITIES = ("tanh", "identity")
 
@@ -114,6 +114,11 @@ class LearnedInverse(InverseSolver):
         ValueError: invalid options; a cell whose sizes differ from the feedback cell's (at :meth:`fit` /
             :meth:`bind`).
     """
+
+    trainable = True
+    stateful = True
+    fixed_point = False
+    config_options = ("feedback_lr", "noise")
 
     def __init__(self, *, reg: float = 1.0, feedback_lr: float = 0.1, noise: float = 0.1, momentum: float = 0.0,
                  seed: int = 0, nonlinearity: str = "tanh", reduction: str = "mean"):

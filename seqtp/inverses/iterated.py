@@ -3,7 +3,7 @@
 Math core: imports only torch. Device and dtype follow the states.
 
 Bengio, "Deriving Differential Target Propagation from Iterating Approximate Inverses" (arXiv:2007.15139, 2020):
-given an approximate inverse ``g`` of the step ``f(., x_t)`` (here any :class:`~seqtp._solvers.InverseSolver`'s
+given an approximate inverse ``g`` of the step ``f(., x_t)`` (here any :class:`~seqtp.inverses.InverseSolver`'s
 ``psi_t``), the fixed-point iteration::
 
     u_0 = s_{t-1},    u_{k+1} = u_k + g(v) - g(f(u_k, x_t))
@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from ._solvers import AnalyticInverse, InverseSolver
+from .analytic import AnalyticInverse
+from .base import InverseSolver
 
 
 def _relative(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -45,12 +46,11 @@ class IteratedInverse(InverseSolver):
     ``jvp`` of ``cell.step`` per iteration); ``difference`` is ``psi_t(s_t + delta) - s_{t-1}``, the same as ``exact``
     here since ``psi_t(s_t) = s_{t-1}``.
 
-    A base with a ``fit`` method (:class:`~seqtp._learned.LearnedInverse`) is exposed as this solver's ``fit``, so a
-    caller that trains ``hasattr(solver, "fit")`` solvers trains the base; :meth:`state_dict` /
-    :meth:`load_state_dict` delegate to the base.
+    The abilities are the base's: a ``trainable`` base (:class:`~seqtp.inverses.LearnedInverse`) is trained through
+    this solver's :meth:`fit`, and :meth:`state_dict` / :meth:`load_state_dict` delegate to the base.
 
     Args:
-        reg: ``r > 0`` of the default base (:class:`~seqtp._solvers.AnalyticInverse`); unused with ``base``.
+        reg: ``r > 0`` of the default base (:class:`~seqtp.inverses.AnalyticInverse`); unused with ``base``.
         base: the approximate inverse ``g`` (any ``InverseSolver``; default: ``AnalyticInverse(reg=reg, eps=eps)``,
             Elman cells only). :meth:`bind` binds it too.
         steps: the most iterations ``K >= 1``.
@@ -74,6 +74,8 @@ class IteratedInverse(InverseSolver):
         (call, row) pairs frozen. The base's report, keys prefixed ``base_``.
     """
 
+    config_options = ("steps", "tol")
+
     def __init__(self, *, reg: float = 1.0, base: InverseSolver | None = None, steps: int = 5, tol: float = 0.0,
                  guard: bool = False, eps: float = 1e-3):
         super().__init__(reg=reg)
@@ -86,8 +88,6 @@ class IteratedInverse(InverseSolver):
         self.default_base = base is None
         self.base = AnalyticInverse(reg=reg, eps=eps) if base is None else base
         self.steps, self.tol, self.guard, self.eps = int(steps), float(tol), bool(guard), eps
-        if callable(getattr(self.base, "fit", None)):
-            self.fit = self.base.fit  # train the base (e.g. a learned inverse) through this solver
         self._records: list[torch.Tensor] = []  # [2, K, B] per call: step norms, iterate norms
         self._frozen: list[torch.Tensor] = []  # [B] per call (guard): 1 where the row was frozen
 
@@ -189,13 +189,23 @@ class IteratedInverse(InverseSolver):
         out.update({f"base_{k}": v for k, v in self.base.report().items()})
         return out
 
+    @property
+    def trainable(self) -> bool:  # the base's ability
+        return self.base.trainable
+
+    @property
+    def stateful(self) -> bool:  # the base's ability
+        return self.base.stateful
+
+    def fit(self, cell, x, states):
+        """Train the base (e.g. a learned inverse) through this solver."""
+        return self.base.fit(cell, x, states)
+
     def state_dict(self) -> dict:
         """The base's state (e.g. a learned inverse's weights), or ``{}``."""
-        sd = getattr(self.base, "state_dict", None)
-        return {"base": sd()} if callable(sd) else {}
+        return {"base": self.base.state_dict()} if self.base.stateful else {}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
-        load = getattr(self.base, "load_state_dict", None)
-        if state and callable(load):
-            load(state["base"])
+        if state and self.base.stateful:
+            self.base.load_state_dict(state["base"])

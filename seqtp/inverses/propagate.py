@@ -2,7 +2,7 @@
 
 Roulet & Harchaoui, "Target Propagation via Regularized Inversion", TMLR 2023. Targets are ``v_t = s_t + delta_t``
 with ``delta_T = dhat_T``, propagated backwards in time by one of three rules (``psi_t`` is the regularized inverse
-of step ``t``, computed by an :class:`~seqtp._solvers.InverseSolver`):
+of step ``t``, computed by an :class:`~seqtp.inverses.InverseSolver`):
 
 - ``linearized``: ``delta_{t-1} = dhat_{t-1} + J_psi_t(s_t) delta_t`` (Elman: ``M (a'(h_t) * delta_t)``),
 - ``difference``: ``v_{t-1} = s_{t-1} + dhat_{t-1} + psi_t(v_t) - psi_t(s_t)``,
@@ -13,63 +13,13 @@ The reference recursion is a Python loop over time, each step one batched comput
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from ._cells import Cell, make_cell
-from ._dense import DenseInverse
-from ._gauss_newton import GaussNewtonInverse
-from ._iterated import IteratedInverse
-from ._learned import LearnedInverse
-from ._solvers import MODES, AnalyticInverse, InverseSolver, cap_shift, check_mode
+from .._cells import Cell, make_cell
+from .base import InverseSolver, check_mode
+from .registry import make_solver
 
-__all__ = ["DENSE_MAX_STATE", "MODES", "SOLVERS", "auto_solver_name", "cap_shift", "check_mode", "complete_states",
-           "make_solver", "propagate_targets"]
-
-SOLVERS: dict[str, type[InverseSolver]] = {
-    "analytic": AnalyticInverse,
-    "dense": DenseInverse,
-    "gauss_newton": GaussNewtonInverse,
-    "iterated": IteratedInverse,
-    "learned": LearnedInverse,
-}
-
-
-DENSE_MAX_STATE = 128
-"""``solver="auto"`` picks ``dense`` for GRU/LSTM cells with a state size ``S <= DENSE_MAX_STATE``, else
-``gauss_newton``: with its default batched CG on the structured Jacobians, the dense solver was the faster of the two
-at ``S = 64`` (GRU) and ``S = 128`` (LSTM, H = 64) in ``docs/results/gru_lstm.md``; above that neither was timed, and
-Gauss-Newton-CG needs no ``[B, T, ...]`` Jacobian diagonals."""
-
-
-def auto_solver_name(cell: Cell) -> str:
-    """The solver ``"auto"`` stands for: ``analytic`` for Elman cells; for other cells ``dense`` when the state size
-    is at most :data:`DENSE_MAX_STATE`, else ``gauss_newton``."""
-    if cell.output_nonlinearity is not None:
-        return "analytic"
-    return "dense" if cell.state_size <= DENSE_MAX_STATE else "gauss_newton"
-
-
-def make_solver(name: str, *, cell: Cell, reg: float, eps: float | None = None, **options) -> InverseSolver:
-    """The solver ``name`` (a key of :data:`SOLVERS`, or ``"auto"``: see :func:`auto_solver_name`) built with
-    ``reg``, the ``atanh`` clamp ``eps`` (for the solvers that take it) and its own keyword ``options``.
-
-    Raises:
-        ValueError: unknown name, or an option the solver does not take (one line naming it).
-    """
-    if name == "auto":
-        name = auto_solver_name(cell)
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; choose from auto, {', '.join(SOLVERS)}")
-    cls = SOLVERS[name]
-    if eps is not None and "eps" in inspect.signature(cls).parameters and "eps" not in options:
-        options["eps"] = eps
-    try:
-        return cls(reg=reg, **options)
-    except TypeError as e:
-        raise ValueError(f"solver {name!r}: {e}") from None
-
+__all__ = ["complete_states", "propagate_targets"]
 
 def complete_states(
     cell: Cell, x: torch.Tensor, states: torch.Tensor, direct_shifts: torch.Tensor
@@ -127,7 +77,7 @@ def propagate_targets(
             before it is propagated further (a safeguard against geometric growth; ``None`` = off).
         solver: a name of :data:`SOLVERS` or ``"auto"`` (analytic for Elman, else dense or Gauss-Newton by the
             state size, :func:`auto_solver_name`), or an
-            :class:`~seqtp._solvers.InverseSolver` instance (then ``reg`` and ``eps`` are its own).
+            :class:`~seqtp.inverses.InverseSolver` instance (then ``reg`` and ``eps`` are its own).
 
     Returns:
         The targets ``v`` ``[B, T, S]``, with ``v[:, -1] = s[:, -1] + dhat[:, -1]`` (when uncapped).

@@ -8,7 +8,7 @@ maps a target ``v`` of ``s_t`` to a target of ``s_{t-1}`` through the regularize
 
     psi_t(v) = argmin_u  |R(u) - target(v)|^2 + r |u - s_{t-1}|^2.
 
-The paper's closed-form Elman inverse (:class:`~seqtp._solvers.AnalyticInverse`) fits in the pre-activation space,
+The paper's closed-form Elman inverse (:class:`~seqtp.inverses.AnalyticInverse`) fits in the pre-activation space,
 ``R(u) = W u + U x_t + b``, ``target(v) = a(v)`` (``a = phi^{-1}``): a linear least-squares problem. For a GRU or an
 LSTM there is no such closed form, so :class:`GaussNewtonInverse` solves the problem iteratively, by default in the
 output space, ``R(u) = f(u, x_t)``, ``target(v) = v`` (for Elman a different objective from the paper's).
@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from ._cells import Cell, inverse_activation, inverse_activation_grad
-from ._solvers import InverseSolver, fold_stats
+from .._cells import Cell, inverse_activation, inverse_activation_grad
+from .base import InverseSolver, fold_stats
 
 SPACES = ("output", "preactivation")
 
@@ -53,7 +53,7 @@ class GaussNewtonInverse(InverseSolver):
     - ``"preactivation"``: ``R(u) = pre(u, x_t)``, ``target(v) = a(v)`` with ``a = phi^{-1}`` clamped by ``eps``
       (:func:`seqtp._cells.inverse_activation`); only for cells with an ``output_nonlinearity`` (Elman). This is the
       objective of the paper's Elman inverse (Roulet & Harchaoui, TMLR 2023, Sec. 3): linear least squares, so
-      Gauss-Newton is exact after one iteration and ``psi_t`` agrees with :class:`~seqtp._solvers.AnalyticInverse`.
+      Gauss-Newton is exact after one iteration and ``psi_t`` agrees with :class:`~seqtp.inverses.AnalyticInverse`.
       The output space gives another objective (the fit is weighted by ``phi'``), hence other targets for tanh.
 
     Gauss-Newton (on the stacked residual ``[R(u) - target; sqrt(r) (u - s_{t-1})]``) from ``u_0 = s_{t-1}``::
@@ -114,6 +114,8 @@ class GaussNewtonInverse(InverseSolver):
     Reference: Roulet & Harchaoui, "Target Propagation via Regularized Inversion", TMLR 2023 (the regularized
     inverse and the three target rules; their Elman inverse regularizes in the pre-activation space).
     """
+
+    config_options = ("space", "tol", "max_iter")
 
     def __init__(
         self,

@@ -1,97 +1,15 @@
-"""Credit-assignment methods: each fills ``.grad`` of a model's parameters for one batch.
-
-A method sits on the math core (cells, inverse, targets) and knows nothing of configs, devices or logging.
-"""
+"""Target propagation through time by regularized inversion (Roulet & Harchaoui, TMLR 2023), for any cell: the
+direct targets, the target rule through an inverse (``seqtp.inverses``) and the update (local or through time)."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable
-
 import torch
 
-from ._cells import Cell, ElmanParams, activation_grad_from_output, make_cell
-from ._model import RNNModel
-from ._solvers import AnalyticInverse, InverseSolver
-from ._targets import SOLVERS, check_mode, complete_states, make_solver
+from .._cells import Cell, ElmanParams, activation_grad_from_output, make_cell
+from ..inverses import SOLVERS, InverseSolver, check_mode, complete_states, make_solver
+from .base import LossFn, Method, accumulate, hidden_states
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
 UPDATES = ("local", "through_time")
-
-
-class Method(ABC):
-    """The contract of a credit-assignment method.
-
-    ``backward(model, x, loss_fn)`` runs the forward pass of ``model`` (:class:`seqtp.RNNModel`) on ``x``
-    ``[B, T, D]``, evaluates ``loss_fn(states)`` (``states`` ``[B, T, H]``; the readout and the task loss, a batch
-    mean), and **accumulates** into ``.grad`` of every parameter of the model (zero them before, as with
-    ``loss.backward()``), so that any ``torch.optim`` optimizer can then step.
-
-    It returns ``(loss, stats)``: the detached scalar loss and a dict of detached diagnostic tensors (no host sync).
-
-    Optional ability: a method whose update fits the states to targets sets the class attribute ``has_targets =
-    True`` and implements :meth:`targets` (the targets its ``backward`` would fit on the same batch, for
-    :func:`seqtp.alignment`); callers test ``has_targets``, not ``hasattr``.
-    """
-
-    has_targets: bool = False
-
-    @abstractmethod
-    def backward(self, model: RNNModel, x: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
-        """Fill ``.grad`` for one batch; see the class docstring."""
-
-    def targets(self, model: RNNModel, x: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """The state targets of :meth:`backward` on this batch, without writing any ``.grad``.
-
-        Args:
-            model, x, loss_fn: as in :meth:`backward`.
-
-        Returns:
-            ``(states, deltas)``, ``[B, T, S]`` each: the forward states ``s_1 .. s_T`` and the shifts ``delta_t =
-            v_t - s_t`` of the targets ``v_t``.
-
-        Raises:
-            NotImplementedError: the method has no targets (``has_targets`` is ``False``).
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no state targets")
-
-    def state_dict(self) -> dict:
-        """State to checkpoint (e.g. a learned inverse's weights); empty for stateless methods."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional hook, stateless by default
-        """Restore :meth:`state_dict`."""
-
-
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad.to(param.dtype).clone()
-    else:
-        param.grad.add_(grad.to(param.dtype))
-
-
-class BPTT(Method):
-    """Backpropagation through time through ``torch.nn.RNN`` (cuDNN on GPU).
-
-    Args:
-        clip: if given, clip the global gradient norm of all parameters to this value.
-        truncation: if given, truncated BPTT: the state is detached every ``truncation`` steps.
-    """
-
-    def __init__(self, *, clip: float | None = None, truncation: int | None = None):
-        if clip is not None and not clip > 0:
-            raise ValueError(f"clip must be > 0, got {clip}")
-        if truncation is not None and truncation < 1:
-            raise ValueError(f"truncation must be >= 1, got {truncation}")
-        self.clip, self.truncation = clip, truncation
-
-    def backward(self, model, x, loss_fn):
-        loss = loss_fn(hidden_states(model, x, truncation=self.truncation))
-        loss.backward()
-        stats = {}
-        if self.clip is not None:
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
-        return loss.detach(), stats
 
 
 def local_update_grads(
@@ -134,16 +52,6 @@ def local_update_grads_from_factor(
     return g_ih, g_hh, g_z.sum(dim=(0, 1))  # [H]
 
 
-def hidden_states(module: torch.nn.Module, x: torch.Tensor, *, truncation: int | None = None) -> torch.Tensor:
-    """The outputs ``h_1 .. h_T`` ``[B, T, H]`` of an :class:`RNNModel` or a plain ``torch.nn.RNN``/``GRU``/``LSTM``."""
-    if isinstance(module, RNNModel):
-        return module.states(x, truncation=truncation)
-    if truncation is not None:
-        raise ValueError("truncation needs a seqtp.RNNModel")
-    out, _ = module(x)
-    return out
-
-
 def local_update_loss(cell: Cell, x: torch.Tensor, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The local TP loss for any cell, one batched computation over all steps:
     ``(1/B) sum_b sum_t 1/2 |f(s_{t-1}, x_t; theta) - v_t|^2`` with ``s_{t-1}``, ``v_t`` constant.
@@ -167,7 +75,7 @@ class TargetProp(Method):
        readout gets its ordinary gradient of ``L``.
     3. Targets ``v_t = s_t + delta_t`` by :func:`seqtp.propagate_targets`'s rule ``mode`` with the inverse
        ``solver`` (``"auto"``: analytic for Elman, Gauss-Newton otherwise; or an ``InverseSolver`` instance). A
-       solver with a ``fit`` method (the learned inverse) gets one training step per batch first (TPTT order).
+       ``trainable`` solver (the learned inverse) gets one training step per batch first (TPTT order).
     4. RNN gradient by ``update``: ``"local"``, the batch mean of ``sum_t 1/2 |f(s_{t-1}, x_t) - v_t|^2`` with
        ``s_{t-1}``, ``v_t`` constant (Elman: the closed form :func:`local_update_grads`; other cells: one batched
        autograd call; with ``AnalyticInverse(fuse_local_update=True)`` on the Triton kernel, the kernel accumulates
@@ -182,10 +90,19 @@ class TargetProp(Method):
         eps: clamp margin of ``atanh``. shift_cap: per-step cap ``|delta_t| <= shift_cap * |s_t|`` (``None``: off).
         solver: a name of ``seqtp.SOLVERS``, ``"auto"``, or an ``InverseSolver`` instance.
         solver_options: keyword options of the named solver (e.g. ``{"space": "output", "tol": 1e-6}``).
+        normalize: Bengio (2020)'s normalization of each layer's change by its influence on the output, through time
+            (:func:`influence_weights`): the update fits ``lambda_t * delta_t`` instead of ``delta_t``, with
+            ``lambda_t = sum_{s >= t} |dhat_s|^2 / |delta_t|^2`` per sample. :meth:`targets` still returns the
+            targets ``delta_t`` themselves.
 
     Stats: ``shift_first``, ``shift_mid``, ``shift_last``: batch mean of ``|delta_t|`` at ``t = 1, T/2, T``;
     ``feedback_loss`` for a learned inverse; the solver's report as ``solver_<key>``.
     """
+
+    has_targets = True
+    takes_solver_options = True
+    config_defaults = {"lr": 0.05, "reg": 10.0, "target_lr": 1e-2, "update": "through_time"}
+    search_space = ("lr=1e-3:1", "target_lr=1e-3:1", "reg=1e-1:1e2")
 
     def __init__(
         self,
@@ -198,6 +115,7 @@ class TargetProp(Method):
         shift_cap: float | None = None,
         solver: str | InverseSolver = "auto",
         solver_options: dict | None = None,
+        normalize: bool = False,
     ):
         check_mode(mode)
         if update not in UPDATES:
@@ -208,10 +126,12 @@ class TargetProp(Method):
             raise ValueError(f"shift_cap must be > 0, got {shift_cap}")
         if not reg > 0:
             raise ValueError(f"reg must be > 0, got {reg}")
+        if not 0 < eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {eps}")
         if isinstance(solver, str) and solver != "auto" and solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose from auto, {', '.join(SOLVERS)}")
+            raise ValueError(f"solver must be one of auto, {', '.join(SOLVERS)}, got {solver!r} (unknown solver)")
         self.reg, self.target_lr, self.mode, self.update = reg, target_lr, mode, update
-        self.eps, self.shift_cap = eps, shift_cap
+        self.eps, self.shift_cap, self.normalize = eps, shift_cap, bool(normalize)
         self.solver_name = solver if isinstance(solver, str) else None
         self.solver_options = dict(solver_options or {})
         self._solver = solver if isinstance(solver, InverseSolver) else None
@@ -226,18 +146,16 @@ class TargetProp(Method):
 
     def state_dict(self) -> dict:
         solver = self._solver
-        if solver is not None and hasattr(solver, "state_dict"):
+        if solver is not None and solver.stateful:
             return {"solver": solver.state_dict()}
         return dict(self._pending_state or {})
 
     def load_state_dict(self, state: dict) -> None:
         if "solver" in state:
-            if self._solver is not None and hasattr(self._solver, "load_state_dict"):
+            if self._solver is not None and self._solver.stateful:
                 self._solver.load_state_dict(state["solver"])
             else:  # loaded at the first backward, once the solver exists
                 self._pending_state = state
-
-    has_targets = True
 
     def targets(self, model, x, loss_fn):
         """Steps 1-3 of :meth:`backward` (the learned inverse's ``fit`` step included: it changes the solver's
@@ -286,7 +204,7 @@ class TargetProp(Method):
         """The solver, after the learned inverse's training step (TPTT order; its loss into ``stats``), bound to
         this batch."""
         solver = self.solver_for(cell)
-        if hasattr(solver, "fit"):
+        if solver.trainable:
             if self._pending_state is not None:
                 solver.bind(cell, x, states)  # creates the feedback weights, then restores them
                 solver.load_state_dict(self._pending_state["solver"])
@@ -304,7 +222,7 @@ class TargetProp(Method):
         seq_len = states.shape[1]
         steps = [0, seq_len // 2, seq_len - 1]  # the steps whose mean shift norm is reported
         fused = None
-        if self.update == "local" and isinstance(solver, AnalyticInverse) and solver.fuse_local_update:
+        if self.update == "local" and not self.normalize:  # a solver's fused fast path (None where it has none)
             fused = solver.propagate_local_update(direct, mode=self.mode, shift_cap=self.shift_cap)
         if fused is not None:  # the kernel accumulated the local update; delta itself never exists
             deltas, local_grads, row_norms = None, fused[:3], fused[3]  # [H, D], [H, H], [H]; [B, T]
@@ -312,8 +230,12 @@ class TargetProp(Method):
             norms = row_norms[:, steps].mean(dim=0)  # [3]
         else:
             deltas, local_grads = solver.propagate(direct, mode=self.mode, shift_cap=self.shift_cap), None  # [B, T, S]
-            del direct  # memory: the peak is states + deltas + one [B, T, S] temporary
             norms = deltas[:, steps].norm(dim=-1).mean(dim=0)  # [3]: three steps, not all T
+            if self.normalize:
+                weights = influence_weights(direct, deltas)  # [B, T]
+                stats["normalize_weight_max"] = weights.amax()
+                deltas = deltas * weights.unsqueeze(-1)  # [B, T, S]: the update fits lambda_t * delta_t
+            del direct  # memory: the peak is states + deltas + one [B, T, S] temporary
         stats.update({"shift_first": norms[0], "shift_mid": norms[1], "shift_last": norms[2]})
         stats.update({f"solver_{k}": torch.as_tensor(v) for k, v in solver.report().items()})
         self._update(model, x, hidden, cell, states, deltas, local_grads)
@@ -340,9 +262,42 @@ class TargetProp(Method):
             if rnn.bias:
                 pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
             for p, g in pairs:
-                _accumulate(p, g)
+                accumulate(p, g)
         else:
             local_update_loss(make_cell(model, detach=False), x, states, states + deltas).backward()
+
+
+def influence_weights(direct: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Per-step weights of Bengio's normalization through time: ``lambda_{b,t} = sum_{s >= t} |dhat_{b,s}|^2 /
+    |delta_{b,t}|^2`` (0 where ``delta_{b,t} = 0``).
+
+    Bengio, "Deriving Differential Target Propagation from Iterating Approximate Inverses", arXiv:2007.15139 (2020),
+    proposes to normalize each layer's change by its influence on the output, so that more influential layers change
+    more, as under gradient descent. Through time, step ``t`` is the layer; its target shift ``delta_t`` is (to first
+    order, for an exact inverse) the change of ``s_t`` that produces the output shifts ``dhat_s``, ``s >= t``, so
+    ``J_t delta_t = e_t`` with ``J_t`` the Jacobian of those outputs w.r.t. ``s_t``. The gain of step ``t`` along its
+    target is ``|J_t delta_t| / |delta_t| = |e_t| / |delta_t|``: large where a small change of ``s_t`` moves the
+    output a lot. Gradient descent moves ``s_t`` by ``J_t^T e_t``, of size ``~ gain * |e_t|``; a target shift has
+    size ``|e_t| / gain``. Weighting the step's local loss by ``gain^2`` makes the fitted change ``lambda_t delta_t``
+    of size ``gain * |e_t|``, as under gradient descent. Exact case: a linear cell with ``W = c Q`` (``Q``
+    orthogonal) and a vanishing ``reg``: ``delta_t = (W^{-1})^k dhat_T`` and the BPTT adjoint ``(W^T)^k dhat_T``
+    (``k = T - t``) are parallel, with norms ``c^{-k}`` and ``c^k`` times ``|dhat_T|``; ``lambda_t delta_t`` is the
+    adjoint itself, so the normalized TP update is ``target_lr`` times BPTT's gradient. With ``e_t`` taken from the
+    direct shifts, nothing is differentiated.
+
+    Caveat: where ``delta_t`` is small because the inverse damps it (a large ``reg``), not because step ``t`` is
+    influential, ``lambda_t`` undoes the damping (``lambda_t |delta_t| = |e_t|^2 / |delta_t|`` grows as ``delta_t``
+    shrinks): use it with a small ``reg``.
+
+    Args:
+        direct: the direct shifts ``dhat`` ``[B, T, S]``; deltas: the propagated shifts ``delta`` ``[B, T, S]``.
+
+    Returns:
+        ``lambda`` ``[B, T]``.
+    """
+    reach = direct.square().sum(dim=-1).flip(1).cumsum(dim=1).flip(1)  # [B, T]: sum_{s >= t} |dhat_s|^2
+    size = deltas.square().sum(dim=-1)  # [B, T]
+    return torch.where(size > 0, reach / size.clamp_min(torch.finfo(size.dtype).tiny), 0.0)
 
 
 def tp_backward(
@@ -389,5 +344,3 @@ def tp_backward(
     loss, _ = method.backward(rnn, x, loss_fn)
     return loss.item()
 
-
-METHODS: dict[str, type[Method]] = {"bptt": BPTT, "tp": TargetProp}

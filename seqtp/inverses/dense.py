@@ -33,9 +33,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._cells import Cell
-from ._inverse import FactorizationError
-from ._solvers import InverseSolver, fold_stats
+from .._cells import Cell
+from .analytic import FactorizationError
+from .base import InverseSolver, fold_stats
 
 LINEAR_SOLVERS = ("cg", "cholesky")
 """The solvers of the linearized rule of :class:`DenseInverse`."""
@@ -398,6 +398,8 @@ class DenseInverse(InverseSolver):
     final convergence measure of :meth:`invert`),
     ``converged`` (1.0 if every row met ``tol``), ``invert_calls``, ``linearized_calls``.
     """
+
+    config_options = ("tol", "max_iter")
 
     def __init__(self, *, reg: float, tol: float = 1e-6, max_iter: int = 20, max_backtracks: int = 30,
                  chunk_bytes: int = 2**28, linear_solver: str = "cg", cg_tol: float | None = None,

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
-from ._cells import Cell, inverse_activation, inverse_activation_grad
-from ._inverse import ElmanInverse
-from .kernels import BACKENDS, SINGLE_TILE_MAX, choose_backend
+from .._cells import Cell
 
 MODES = ("linearized", "difference", "exact")
 
@@ -105,9 +104,27 @@ class InverseSolver(ABC):
     ``report()`` returns diagnostics of the last propagation (e.g. iterations, residuals, contraction rates), as
     Python floats. Subclasses implement :meth:`invert` and may override the others with faster or exact forms.
 
+    Optional abilities, declared here and switched on by a subclass (callers test the flags, never ``hasattr``):
+
+    - ``trainable``: :meth:`fit` takes one training step of the inverse on a batch (a learned feedback); a method
+      calls it once per batch before :meth:`bind` (TPTT order).
+    - ``stateful``: :meth:`state_dict` / :meth:`load_state_dict` carry state across iterations (weights,
+      optimizer, noise generator) that a checkpoint must keep.
+    - ``fixed_point``: ``psi_t(s_t) = s_{t-1}`` (on by default; off for a learned feedback).
+    - a fused fast path: :meth:`propagate_local_update` consumes the shifts inside a kernel and returns the local
+      update's gradients; the base returns ``None`` (not available), and the caller then uses :meth:`propagate`.
+
     Args:
         reg: ``r > 0``, the weight of the proximal term.
     """
+
+    trainable: bool = False
+    stateful: bool = False
+    fixed_point: ClassVar[bool] = True
+    """``psi_t(s_t) = s_{t-1}``: the regularized inverses reproduce the forward states (a learned feedback does not)."""
+    config_options: ClassVar[tuple[str, ...]] = ()
+    """Constructor options a training config may set (``seqtp.config`` adds them to the sections of methods that take
+    solver options, typed by this constructor's annotations)."""
 
     def __init__(self, *, reg: float):
         if not reg > 0:
@@ -153,6 +170,28 @@ class InverseSolver(ABC):
     def report(self) -> dict[str, float]:
         return dict(self._report)
 
+    def fit(self, cell: Cell, x: torch.Tensor, states: torch.Tensor) -> float:
+        """One training step of the inverse on a batch (``trainable`` solvers); returns its loss.
+
+        Raises:
+            NotImplementedError: the solver is not trainable.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not trainable")
+
+    def state_dict(self) -> dict:
+        """The state a checkpoint must keep (``stateful`` solvers); ``{}`` otherwise."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - optional ability, stateless by default
+        """Restore :meth:`state_dict`."""
+
+    def propagate_local_update(
+        self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The fused fast path: the local update's gradients ``(dU, dW, db, |delta| [B, T])`` computed without
+        storing the shifts, or ``None`` where this solver has none (the base); then call :meth:`propagate`."""
+        return None
+
     def _check_propagate(self, direct: torch.Tensor, mode: str) -> None:
         check_mode(mode)
         if direct.shape != self.states.shape:
@@ -177,179 +216,6 @@ class InverseSolver(ABC):
             return direct[:, t - 1] + back
 
         return backward_recursion(states, direct, step, shift_cap=shift_cap)
-
-
-class AnalyticInverse(InverseSolver):
-    """The closed-form regularized inverse of an Elman step (Roulet & Harchaoui, TMLR 2023, Sec. 3).
-
-    ``psi_t(v) = argmin_u |a(v) - W u - U x_t - b|^2 + r |u - h_{t-1}|^2 = M (a(v) - U x_t - b) + N h_{t-1}``,
-    ``M = (W^T W + r I)^{-1} W^T``, ``N = r (W^T W + r I)^{-1}``: one Cholesky factorization per iteration
-    (:class:`seqtp.ElmanInverse`); the linearized rule is ``M (a'(h_t) * delta)``, the difference rule
-    ``M (a(h_t + delta) - a(h_t))``. The regularization acts in the pre-activation space.
-
-    Args:
-        reg: ``r > 0``. eps: clamp margin of ``atanh`` for tanh cells.
-        backend: how :meth:`propagate` runs the recursion: ``"torch"`` (the reference loops), ``"triton"`` (the
-            fused kernel of :mod:`seqtp.kernels`, CUDA), ``"cuda_graph"`` (the torch loop captured once per shape and
-            replayed, CUDA), or ``"auto"`` (default: triton where it applies, else a CUDA graph on CUDA, else torch).
-            The two fast paths run the exact rule as the difference rule (:meth:`exact_as_difference`).
-        fuse_local_update: where the kernel runs with ``H <= 128``, let :meth:`propagate_local_update` accumulate
-            the local update's gradients inside the kernel instead of writing the shifts (used by
-            :class:`seqtp.TargetProp` with ``update="local"``). Off by default (no GPU measurement).
-
-    Raises:
-        TypeError (at :meth:`bind`): the cell is not an Elman cell.
-        seqtp.FactorizationError (at :meth:`bind`): ``W^T W + r I`` cannot be factorized.
-    """
-
-    def __init__(self, *, reg: float, eps: float = 1e-3, backend: str = "auto", fuse_local_update: bool = False):
-        super().__init__(reg=reg)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.eps, self.backend, self.fuse_local_update = eps, backend, bool(fuse_local_update)
-
-    def bind(self, cell, x, states):
-        if cell.output_nonlinearity is None:
-            raise TypeError(f"the analytic inverse needs an Elman cell, got a {cell.kind} cell")
-        super().bind(cell, x, states)
-        self.inverse = ElmanInverse(cell.elman_params(), reg=self.reg, eps=self.eps)
-        self._drive: torch.Tensor | None = None
-        return self
-
-    @property
-    def drive(self) -> torch.Tensor:
-        """``c_t = U x_t + b`` ``[B, T, H]``, built at the first use after :meth:`bind` (only ``invert`` needs it)."""
-        if self._drive is None:
-            self._drive = self.inverse.drive(self.x)
-        return self._drive
-
-    def invert(self, t, v):
-        return self.inverse.invert(v, self.prev[:, t], self.drive[:, t])
-
-    def linearized(self, t, delta):
-        return self.inverse.linearized(delta, self.states[:, t])
-
-    def difference(self, t, delta):
-        return self.inverse.difference(delta, self.states[:, t])
-
-    def exact_as_difference(self, direct: torch.Tensor) -> torch.Tensor:
-        """Direct shifts that turn the exact rule into the difference rule (call :meth:`bind` first).
-
-        ``delta_{t-1} = v_{t-1} - h_{t-1} = dhat_{t-1} + [psi_t(h_t + delta_t) - psi_t(h_t)] + e_t`` with the
-        reconstruction error ``e_t = psi_t(h_t) - h_{t-1}``, which does not depend on the targets. Since
-        ``I - N = M W``, ``e_t = M (a(h_t) - z_t)`` with ``z_t = W h_{t-1} + U x_t + b`` the forward pre-activation:
-        the two rules differ only where ``a(h_t) != z_t``, i.e. where the clamp of ``atanh`` binds (and by rounding).
-        ``e`` is computed for all steps at once (two ``[B*T, H] x [H, H]`` products) and added to ``dhat_{t-1}``; the
-        sequential part is then the difference rule's recursion.
-
-        Args:
-            direct: ``dhat`` ``[B, T, H]``.
-
-        Returns:
-            ``dhat + e`` ``[B, T, H]``, with ``e_t`` added at index ``t - 1`` (the last step unchanged).
-        """
-        states = self.states
-        preact = self.cell.preactivation(states[:, :-1], self.x[:, 1:])  # [B, T-1, H]: z_t, t = 2 .. T
-        resid = inverse_activation(states[:, 1:], self.inverse.params.nonlinearity, eps=self.eps) - preact
-        out = direct.clone()  # resid: a(h_t) - z_t (a may return its input: no in-place op on it)
-        out[:, :-1] += resid @ self.inverse.M.T  # [B, T-1, H]: e_t at index t - 1
-        return out
-
-    def propagate_local_update(
-        self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The shifts of :meth:`propagate` consumed inside the fused kernel (``fuse_local_update=True``), which
-        accumulates the local update itself: returns ``(dU [H, D], dW [H, H], db [H], norms [B, T])``, the gradients
-        of :func:`seqtp.local_update_grads` and the row norms ``|delta_t|``, or ``None`` where the fused kernel does
-        not apply (option off, backend not ``triton``, ``H > 128``); then call :meth:`propagate`."""
-        self._check_propagate(direct, mode)
-        backend = choose_backend(self.backend, self.states)
-        if not (self.fuse_local_update and backend == "triton" and self.states.shape[-1] <= SINGLE_TILE_MAX):
-            return None
-        from .kernels._triton import fused_local_grads
-
-        if mode == "exact":
-            direct, mode = self.exact_as_difference(direct), "difference"
-        return fused_local_grads(self.states, direct, self.inverse.M, self.x, mode=mode,
-                                 nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap,
-                                 grad_scale=-1.0 / self.states.shape[0])
-
-    def propagate(self, direct, *, mode="linearized", shift_cap=None):
-        """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`torch_shifts` (the generic loop
-        over :meth:`invert` stays the reference in the tests), ``cuda_graph`` replays it, ``triton`` runs the exact
-        rule as the difference rule on corrected direct shifts (:meth:`exact_as_difference`)."""
-        self._check_propagate(direct, mode)
-        backend = choose_backend(self.backend, self.states)
-        opts = dict(nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap)
-        if backend == "triton":
-            from .kernels._triton import fused_shifts
-
-            if mode == "exact":
-                direct, mode = self.exact_as_difference(direct), "difference"
-            return fused_shifts(self.states, direct, self.inverse.M, mode=mode, **opts)
-        tensors = (self.states, direct, self.inverse.M)
-        if mode == "exact":  # + the pre-activations z_t [B, T-1, H] of the steps back
-            tensors += (self.cell.preactivation(self.states[:, :-1], self.x[:, 1:]),)
-        if backend == "cuda_graph":
-            from .kernels._graphs import graphed
-
-            return graphed(torch_shifts, *tensors, mode=mode, **opts)
-        return torch_shifts(*tensors, mode=mode, **opts)
-
-
-def torch_shifts(
-    states: torch.Tensor,
-    direct: torch.Tensor,
-    m: torch.Tensor,
-    preact: torch.Tensor | None = None,
-    *,
-    mode: str = "linearized",
-    nonlinearity: str,
-    eps: float,
-    shift_cap: float | None = None,
-) -> torch.Tensor:
-    """The pure-torch recursions of the analytic inverse: ``delta_T = dhat_T`` and ``delta_{t-1} = dhat_{t-1} + M u_t``
-    with
-
-    - ``linearized``: ``u_t = a'(h_t) * delta_t``,
-    - ``difference``: ``u_t = a(h_t + delta_t) - a(h_t)`` (``M u_t = psi_t(v_t) - psi_t(h_t)``: the drive cancels),
-    - ``exact``: ``u_t = a(h_t + delta_t) - z_t``, ``z_t = W h_{t-1} + U x_t + b`` the forward pre-activation
-      (``M u_t = psi_t(v_t) - h_{t-1}``, since ``I - N = M W``),
-
-    with ``a'(h)``, ``a(h)`` or ``z`` for all steps at once, then one ``addmm`` per step. Capturable in a CUDA graph;
-    the fused kernel and the graph are tested against it, and it against the generic loop of
-    :meth:`InverseSolver.propagate`.
-
-    Args:
-        states: ``h_1 .. h_T`` ``[B, T, H]``; direct: ``dhat`` ``[B, T, H]``; m: ``M`` ``[H, H]``.
-        preact: the pre-activations ``z_2 .. z_T`` ``[B, T-1, H]`` of the steps back (exact rule only).
-        mode: the rule. nonlinearity, eps: of ``a``; shift_cap: per-step cap ratio or ``None``.
-
-    Returns:
-        ``delta`` ``[B, T, H]``.
-
-    Raises:
-        ValueError: an unknown ``mode``, or ``preact`` missing for the exact rule.
-    """
-    # per_step[:, t - 1] belongs to step t (0-based index into states, 1 <= t < T): the first state has no step back
-    if mode == "linearized":
-        per_step = inverse_activation_grad(states[:, 1:], nonlinearity, eps=eps)  # [B, T-1, H]: a'(h_t)
-    elif mode == "difference":
-        per_step = inverse_activation(states[:, 1:], nonlinearity, eps=eps)  # [B, T-1, H]: a(h_t)
-    elif mode == "exact" and preact is not None:
-        per_step = preact  # [B, T-1, H]: z_t
-    else:
-        raise ValueError(f"torch_shifts runs the linearized, difference and (with preact) exact rules, got {mode!r}")
-    m_t = m.T
-
-    def step(t: int, delta: torch.Tensor) -> torch.Tensor:  # dhat_{t-1} + M u_t [B, H]
-        if mode == "linearized":
-            u = per_step[:, t - 1] * delta  # [B, H]
-        else:
-            u = inverse_activation(states[:, t] + delta, nonlinearity, eps=eps).sub_(per_step[:, t - 1])  # [B, H]
-        return torch.addmm(direct[:, t - 1], u, m_t)
-
-    return backward_recursion(states, direct, step, shift_cap=shift_cap)
 
 
 def backward_recursion(
