@@ -29,7 +29,7 @@ from .inverses import (
     LearnedInverse,
     propagate_targets,
 )
-from .methods import BPTT, DDTP, DRL, DTP, METHODS, GAITProp, Method, TargetProp, local_update_grads, tp_backward
+from .methods import BPTT, DDTP, DRL, DTP, LDRL, METHODS, GAITProp, Method, TargetProp, local_update_grads, tp_backward
 
 __all__ = [
     "BPTT",
@@ -48,6 +48,7 @@ __all__ = [
     "GaussNewtonInverse",
     "InverseSolver",
     "IteratedInverse",
+    "LDRL",
     "LearnedInverse",
     "Method",
     "RNNModel",

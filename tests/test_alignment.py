@@ -22,6 +22,7 @@ METHOD_FACTORIES = {
     "drl": lambda: seqtp.DRL(target_lr=GAMMA),
     "ddtp": lambda: seqtp.DDTP(target_lr=GAMMA),
     "gait": lambda: seqtp.GAITProp(target_lr=GAMMA, gamma=1e-6),
+    "ldrl": lambda: seqtp.LDRL(target_lr=GAMMA, feedback_steps=2),
 }
 # solvers per cell kind, with options that make the iterative ones accurate on these small instances
 SOLVER_OPTIONS = {

@@ -8,6 +8,7 @@ from .base import LossFn, Method, accumulate, hidden_states
 from .bptt import BPTT
 from .drl import DDTP, DRL, DRLInverse
 from .gait import GAITProp
+from .ldrl import LDRL
 from .presets import DTP
 from .target_prop import (
     UPDATES,
@@ -20,7 +21,7 @@ from .target_prop import (
 )
 
 METHODS: dict[str, type[Method]] = {"bptt": BPTT, "tp": TargetProp, "dtp": DTP, "drl": DRL, "ddtp": DDTP,
-                                   "gait": GAITProp}
+                                   "ldrl": LDRL, "gait": GAITProp}
 """Method names (``--method``, the config's ``method``) -> classes; a new method is one class and one entry here."""
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "DRLInverse",
     "DTP",
     "GAITProp",
+    "LDRL",
     "LossFn",
     "Method",
     "TargetProp",
