@@ -6,7 +6,18 @@ only torch (Triton lazily, through ``seqtp.kernels``).
 """
 
 from .analytic import AnalyticInverse, ElmanInverse, FactorizationError, torch_shifts
-from .base import MODES, InverseSolver, backward_recursion, cap_shift, check_mode, flush_floor, flush_tiny, fold_stats
+from .base import (
+    MODES,
+    RULES,
+    InverseSolver,
+    TargetRule,
+    backward_recursion,
+    cap_shift,
+    check_mode,
+    flush_floor,
+    flush_tiny,
+    fold_stats,
+)
 from .dense import DenseInverse
 from .direct import DirectFeedback
 from .gauss_newton import GaussNewtonInverse
@@ -18,6 +29,7 @@ from .registry import DENSE_MAX_STATE, SOLVERS, auto_solver_name, make_solver
 __all__ = [
     "DENSE_MAX_STATE",
     "MODES",
+    "RULES",
     "SOLVERS",
     "AnalyticInverse",
     "DenseInverse",
@@ -29,6 +41,7 @@ __all__ = [
     "InverseSolver",
     "IteratedInverse",
     "LearnedInverse",
+    "TargetRule",
     "auto_solver_name",
     "backward_recursion",
     "cap_shift",

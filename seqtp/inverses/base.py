@@ -18,8 +18,6 @@ import torch
 
 from .._cells import Cell
 
-MODES = ("linearized", "difference", "exact")
-
 
 def fold_stats(stats: dict, **values) -> None:
     """Fold one call's diagnostics into a solver's running ``stats`` in place, on the device (no host sync): keys
@@ -84,6 +82,50 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
+
+
+class TargetRule(ABC):
+    """A target rule: how a shift ``delta_t`` of the target of ``s_t`` becomes a shift of the target of ``s_{t-1}``
+    through a bound inverse ``psi_t`` (an :class:`InverseSolver`); the recursion adds the direct shift
+    ``dhat_{t-1}`` and caps the result (:func:`backward_recursion`). Names in :data:`RULES` (the ``mode`` option)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def back(self, solver: InverseSolver, t: int, delta: torch.Tensor) -> torch.Tensor:
+        """The shift carried back to step ``t - 1`` ``[B, S]`` from ``delta_t`` ``[B, S]``."""
+
+
+class LinearizedRule(TargetRule):
+    """``J_psi_t(s_t) delta_t``: the first-order change of the inverse (Roulet & Harchaoui's default)."""
+
+    name = "linearized"
+
+    def back(self, solver, t, delta):
+        return solver.linearized(t, delta)
+
+
+class DifferenceRule(TargetRule):
+    """``psi_t(s_t + delta_t) - psi_t(s_t)``: difference target propagation's correction (Lee et al. 2015)."""
+
+    name = "difference"
+
+    def back(self, solver, t, delta):
+        return solver.difference(t, delta)
+
+
+class ExactRule(TargetRule):
+    """``psi_t(s_t + delta_t) - s_{t-1}``: the target of ``s_{t-1}`` is the inverse of the target of ``s_t``."""
+
+    name = "exact"
+
+    def back(self, solver, t, delta):
+        return solver.invert(t, solver.states[:, t] + delta) - solver.states[:, t - 1]
+
+
+RULES: dict[str, TargetRule] = {rule.name: rule for rule in (LinearizedRule(), DifferenceRule(), ExactRule())}
+"""The target rules by name; a fast path (the analytic inverse's kernels) may implement a rule itself."""
+MODES = tuple(RULES)
 
 
 class InverseSolver(ABC):
@@ -204,18 +246,12 @@ class InverseSolver(ABC):
         """Shifts ``delta`` ``[B, T, S]`` of rule ``mode``, from ``delta_T = dhat_T`` backwards (call :meth:`bind`
         first). Each ``delta_t`` is capped by :func:`cap_shift` before it is propagated further."""
         self._check_propagate(direct, mode)
-        states = self.states
+        rule = RULES[mode]
 
         def step(t: int, delta: torch.Tensor) -> torch.Tensor:  # delta_{t-1} before the cap [B, S]
-            if mode == "linearized":
-                back = self.linearized(t, delta)
-            elif mode == "difference":
-                back = self.difference(t, delta)
-            else:  # exact: v_{t-1} = psi_t(v_t) + dhat_{t-1}
-                back = self.invert(t, states[:, t] + delta) - states[:, t - 1]
-            return direct[:, t - 1] + back
+            return direct[:, t - 1] + rule.back(self, t, delta)
 
-        return backward_recursion(states, direct, step, shift_cap=shift_cap)
+        return backward_recursion(self.states, direct, step, shift_cap=shift_cap)
 
 
 def backward_recursion(
