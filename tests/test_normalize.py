@@ -100,3 +100,14 @@ def test_dtp_is_the_preset_of_its_parts():
     for _ in range(3):
         assert torch.equal(rnn_grads(model, preset, x, loss_fn), rnn_grads(model, parts, x, loss_fn))
     assert seqtp.METHODS["dtp"] is seqtp.DTP
+
+
+def test_normalize_is_an_option_of_every_tp_method_that_fits_targets_locally():
+    """TP, DTP and DRL take ``normalize``; on a scaled-orthogonal linear cell it changes their update."""
+    model, x, loss_fn = scaled_orthogonal_problem(1.3)
+    for make in (lambda n: seqtp.TargetProp(reg=0.1, target_lr=0.1, update="local", normalize=n),
+                 lambda n: seqtp.DTP(target_lr=0.1, normalize=n), lambda n: seqtp.DRL(target_lr=0.1, normalize=n)):
+        on, off = rnn_grads(model, make(True), x, loss_fn), rnn_grads(model, make(False), x, loss_fn)
+        assert float((on - off).norm() / off.norm()) > 1e-3
+    on = seqtp.tp_backward(model.rnn, x, lambda h: loss_fn(h), reg=0.1, target_lr=0.1, normalize=True)
+    assert isinstance(on, float)

@@ -187,6 +187,7 @@ class DRL(Method):
         feedback_lr, noise, momentum, sample_steps, truncation, seed: of :class:`DRLInverse`.
         feedback_nonlinearity: ``"tanh"`` (default) or ``"identity"`` (LSTM: the cell-state half of ``s = [h, c]``
             is not bounded by 1).
+        normalize: Bengio (2020)'s per-step normalization of the update (:func:`seqtp.methods.influence_weights`).
 
     Stats: those of :class:`TargetProp` (``feedback_loss``: the DRL loss before the step; ``shift_*``).
 
@@ -208,12 +209,14 @@ class DRL(Method):
         truncation: int | None = None,
         momentum: float = 0.0,
         feedback_nonlinearity: str = "tanh",
+        normalize: bool = False,
         seed: int = 0,
     ):
         self.inverse = DRLInverse(feedback_lr=feedback_lr, noise=noise, momentum=momentum, seed=seed,
                                   nonlinearity=feedback_nonlinearity, sample_steps=sample_steps,
                                   truncation=truncation)
-        self._tp = TargetProp(reg=1.0, target_lr=target_lr, mode="difference", update="local", solver=self.inverse)
+        self._tp = TargetProp(reg=1.0, target_lr=target_lr, mode="difference", update="local", solver=self.inverse,
+                              normalize=normalize)
         self.target_lr = target_lr
 
     def backward(self, model, x, loss_fn):

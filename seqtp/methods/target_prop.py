@@ -313,6 +313,7 @@ def tp_backward(
     eps: float = 1e-3,
     shift_cap: float | None = None,
     solver_options: dict | None = None,
+    normalize: bool = False,
 ) -> float:
     """Drop-in TP replacement for ``loss.backward()`` on a plain single-layer ``torch.nn.RNN``/``GRU``/``LSTM``.
 
@@ -325,8 +326,9 @@ def tp_backward(
         rnn: ``torch.nn.RNN`` (tanh or relu), ``GRU`` or ``LSTM``; one layer, unidirectional, ``batch_first=True``.
         x: inputs ``[B, T, D]``.
         loss_fn: ``states [B, T, H] -> scalar``, the readout and the loss as a batch mean.
-        reg, target_lr, mode, update, solver, eps, shift_cap, solver_options: as in :class:`TargetProp`. A stateful
-            solver (``"learned"``) must be passed as an instance so that it keeps its weights between calls.
+        reg, target_lr, mode, update, solver, eps, shift_cap, solver_options, normalize: as in :class:`TargetProp`.
+            A stateful solver (``"learned"``) must be passed as an instance so that it keeps its weights between
+            calls.
 
     Returns:
         The loss value (a float).
@@ -340,7 +342,7 @@ def tp_backward(
         raise ValueError("solver='learned' keeps trained weights between calls: pass a seqtp LearnedInverse "
                          "instance, or use seqtp.TargetProp(solver='learned') and keep it")
     method = TargetProp(reg=reg, target_lr=target_lr, mode=mode, update=update, eps=eps, shift_cap=shift_cap,
-                        solver=solver, solver_options=solver_options)
+                        solver=solver, solver_options=solver_options, normalize=normalize)
     loss, _ = method.backward(rnn, x, loss_fn)
     return loss.item()
 
