@@ -76,6 +76,18 @@ def test_solver_shapes_dtype_and_row_independence(name, kind):
         alone.load_state_dict(solver.state_dict())
     alone.bind(cell, x[:1], states[:1])
     torch.testing.assert_close(alone.invert(3, v[:1]), out[:1], rtol=1e-9, atol=1e-11)
+    delta = v - states[:, 3]
+    torch.testing.assert_close(alone.linearized(3, delta[:1]), solver.linearized(3, delta)[:1], rtol=1e-9, atol=1e-11)
+    # float32 states give float32 targets (device and dtype come from the inputs)
+    cell32 = make_cell(seqtp.RNNModel(3, 4, 2, cell=kind))
+    x32 = x.float()  # [B, T, D]
+    states32 = cell32.unroll(x32)  # [B, T, S]
+    solver32 = SOLVERS[name](reg=0.5)
+    if solver32.trainable:
+        assert isinstance(solver32.fit(cell32, x32, states32), float)
+    solver32.bind(cell32, x32, states32)
+    assert solver32.invert(3, states32[:, 3]).dtype == torch.float32
+    assert solver32.propagate(0.01 * torch.ones_like(states32)).dtype == torch.float32
 
 
 @pytest.mark.parametrize(("name", "kind"), SOLVER_CASES)

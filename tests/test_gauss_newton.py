@@ -127,17 +127,13 @@ def test_output_space_matches_dense_solve(kind, line_search):
 # -- 3. psi_t(s_t) = s_{t-1} ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
-def test_inverse_at_the_state_is_the_previous_state(kind):
+def test_no_iteration_at_the_forward_state(kind):
+    """``psi_t(s_t) = s_{t-1}`` (checked for every solver in tests/test_contract.py) costs no Gauss-Newton step."""
     cell, x, states = setup(kind)
     gn = GaussNewtonInverse(reg=0.3).bind(cell, x, states)
     for t in range(1, states.shape[1]):
-        torch.testing.assert_close(gn.invert(t, states[:, t]), states[:, t - 1], rtol=0, atol=1e-14)
+        gn.invert(t, states[:, t])
     assert gn.report()["gn_iterations_max"] <= 1.0  # 0 when f(s_{t-1}, x_t) reproduces s_t bit for bit
-    # the difference rule is then psi_t(s_t + delta) - s_{t-1}, and tends to the linearized rule
-    delta = torch.randn(states[:, 2].shape, dtype=DT)
-    lin = gn.linearized(2, delta)
-    diff = GaussNewtonInverse(reg=0.3, **TIGHT).bind(cell, x, states).difference(2, 1e-5 * delta) / 1e-5
-    torch.testing.assert_close(diff, lin, rtol=0, atol=1e-4)
 
 
 # -- 4. convergence rates --------------------------------------------------------------------------------------------
@@ -180,19 +176,6 @@ def test_conjugate_gradient_is_exact_after_state_size_iterations():
 
 
 # -- batching, line search, dtypes -----------------------------------------------------------------------------------
-
-def test_rows_are_independent():
-    cell, x, states = setup("gru", batch=5)
-    v = states[:, 3] + 0.3 * torch.randn(states[:, 3].shape, dtype=DT)
-    delta = torch.randn(states[:, 3].shape, dtype=DT)
-    gn = GaussNewtonInverse(reg=0.4, **TIGHT)
-    whole_inv = gn.bind(cell, x, states).invert(3, v)
-    whole_lin = gn.linearized(3, delta)
-    for b in range(5):
-        gn.bind(cell, x[b : b + 1], states[b : b + 1])
-        torch.testing.assert_close(gn.invert(3, v[b : b + 1]), whole_inv[b : b + 1], rtol=0, atol=1e-12)
-        torch.testing.assert_close(gn.linearized(3, delta[b : b + 1]), whole_lin[b : b + 1], rtol=0, atol=1e-12)
-
 
 def test_line_search_decreases_the_objective_far_from_the_solution():
     cell, x, states = setup("gru", batch=16, hidden=6)

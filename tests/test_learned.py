@@ -174,13 +174,6 @@ def test_fit_invalidates_the_bound_caches():
     torch.testing.assert_close(solver.linearized(2, delta), expected)
 
 
-def test_follows_the_states_dtype():
-    _, cell, x, states = problem("gru", dtype=torch.float32)
-    solver = LearnedInverse(seed=0).bind(cell, x, states)  # bind before fit creates the weights too
-    assert solver.feedback.V.dtype == torch.float32 and solver.invert(1, states[:, 1]).dtype == torch.float32
-    assert solver.fit(cell, x, states) > 0
-
-
 def test_size_mismatch_and_invalid_options():
     _, cell, x, states = problem("gru")
     solver = LearnedInverse()
