@@ -3,12 +3,18 @@
 Every key is type-checked (``int`` fields take integers, ``float`` fields take numbers, ``X | None`` fields also
 take ``null``); unknown keys and bad values raise :class:`ConfigError` with one line naming the key.
 
+The method sections follow the registry: one section per entry of ``seqtp.METHODS``, built from the method's
+constructor (its keyword-only options with simple annotations) and its ``config_defaults`` (:func:`method_options`),
+with the solvers' ``config_options`` for methods that take solver options; the values are checked by the method's
+own constructor (and the named solver's). A new method needs no edit here.
+
 The defaults are working settings: a config needs only ``task.name``. TP's are the settings of the paper's code
 (Roulet & Harchaoui, TMLR 2023: target_lr 1e-2, reg 10, linearized targets, update through time, no shift cap)
 with SGD at lr 0.05 instead of the paper's 0.1 (which solved temporal order T = 60 and then collapsed on seed 0
 within 2,000 iterations); BPTT's are SGD lr 1e-2 with Nesterov momentum 0.9 and gradient clipping at 1.0. Both
 were chosen on temporal order T = 60 (``docs/results/temporal_order_defaults.md``), not tuned for the other tasks.
-The library classes (``seqtp.TargetProp``, ``seqtp.BPTT``) keep their own defaults.
+The library classes (``seqtp.TargetProp``, ``seqtp.BPTT``, ...) keep their own defaults; the other methods' training
+defaults are their ``config_defaults`` (docs/methods.md).
 """
 
 from __future__ import annotations

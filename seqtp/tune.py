@@ -7,11 +7,12 @@
 
 What one study is:
 
-- **Search space.** The method's hyperparameters, read against the config schema (:class:`seqtp.config.TPConfig`,
-  :class:`seqtp.config.BPTTConfig`): every value a trial takes is set through the ``--set`` machinery of
+- **Search space.** The method's hyperparameters, read against the config schema (the method's section,
+  :data:`seqtp.config.SECTIONS`): every value a trial takes is set through the ``--set`` machinery of
   :mod:`seqtp.config`, so a key the schema does not know, a wrong type or a bad value is rejected by the schema's own
-  checks (one line, exit 2). Defaults (:data:`DEFAULT_SPACE`, all log-uniform): tp ``lr`` [1e-3, 1],
-  ``target_lr`` [1e-3, 1], ``reg`` [1e-1, 1e2]; bptt ``lr`` [1e-4, 1], ``clip`` [1e-2, 1e2]. ``--space`` changes
+  checks (one line, exit 2). Defaults (:data:`DEFAULT_SPACE`, each method's ``search_space``, all
+  log-uniform): tp ``lr`` [1e-3, 1], ``target_lr`` [1e-3, 1], ``reg`` [1e-1, 1e2]; bptt ``lr`` [1e-4, 1], ``clip``
+  [1e-2, 1e2]; the others in ``seqtp tune --help``. ``--space`` changes
   or adds a key of the method's section: ``KEY=LOW:HIGH`` (log-uniform when ``LOW > 0``, else uniform; force with a
   third field ``:log`` or ``:linear``; integer keys draw integers), ``KEY=V1,V2,...`` (choices, e.g.
   ``tp.mode=linearized,difference``, ``tp.nesterov=true,false``), ``KEY=off`` (keep the config's value). Every
@@ -209,7 +210,7 @@ def parse_space(cfg: Config, method: str, specs: Sequence[str] = ()) -> dict[str
 
     Args:
         cfg: the base config (its values are the probes of the schema checks).
-        method: ``tp`` or ``bptt``.
+        method: a key of ``seqtp.METHODS``.
         specs: ``KEY=LOW:HIGH[:log|:linear]``, ``KEY=V1,V2,...`` or ``KEY=off``.
 
     Returns:
@@ -355,7 +356,7 @@ def tune(
     Args:
         cfg: the base config (``--set`` applied); ``method`` is set on it.
         out: the tuning folder.
-        method: ``tp`` or ``bptt``.
+        method: a key of ``seqtp.METHODS``.
         trials: the study's total number of trials (completed + pruned + running); ``None`` with ``grid``: the
             grid's size.
         seeds: the training seeds of every trial (default ``[cfg.seed]``).
