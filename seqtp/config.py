@@ -122,11 +122,14 @@ def method_options(cls: type[Method]) -> dict[str, tuple[type, object]]:
     """The method's own config fields: ``name -> (type, default)`` for each keyword-only constructor option with a
     simple annotation (see :class:`seqtp.Method`), defaults from ``config_defaults`` before the constructor's."""
     hints = typing.get_type_hints(cls.__init__)
+    optimizer_keys = {f.name for f in dataclasses.fields(OptimizerFields)}
     out = {}
     for p in inspect.signature(cls.__init__).parameters.values():
         tp = _schema_type(hints.get(p.name)) if p.kind is inspect.Parameter.KEYWORD_ONLY else None
         if tp is None:
             continue
+        if p.name in optimizer_keys:  # one config key would set two things (e.g. a feedback's own momentum)
+            raise TypeError(f"{cls.__name__}: option {p.name!r} clashes with the optimizer's config field; rename it")
         default = cls.config_defaults.get(p.name, p.default)
         if default is inspect.Parameter.empty:
             raise TypeError(f"{cls.__name__}: option {p.name!r} has no default (give one in config_defaults)")

@@ -26,7 +26,7 @@ import torch
 
 import seqtp
 from seqtp._cells import make_cell
-from seqtp.config import SECTIONS, Config, build_method, load_config, method_kwargs
+from seqtp.config import SECTIONS, Config, ConfigError, build_method, load_config, method_kwargs, method_options
 from seqtp.inverses import SOLVERS, InverseSolver
 
 F64 = torch.float64
@@ -242,9 +242,23 @@ def test_every_method_has_a_config_section_that_builds_it(name):
     assert getattr(Config(), name) == section
     method = seqtp.METHODS[name](**method_kwargs(name, section))
     assert type(method) is seqtp.METHODS[name]
-    # a bad value is refused with one line naming the section
     cfg = load_config(None, ["task.name=adding", f"method={name}", f"{name}.lr=0.5"])
     assert getattr(cfg, name).lr == 0.5
+    # a bad value is refused with one line naming the key
+    with pytest.raises(ConfigError, match=rf"^{name}\.lr must be > 0"):
+        load_config(None, ["task.name=adding", f"{name}.lr=-1"])
+
+
+def test_an_option_that_clashes_with_the_optimizer_fields_is_refused():
+    class Clash(seqtp.Method):
+        def __init__(self, *, momentum: float = 0.0):
+            self.momentum = momentum
+
+        def backward(self, model, x, loss_fn):
+            raise NotImplementedError
+
+    with pytest.raises(TypeError, match="clashes with the optimizer"):
+        method_options(Clash)
 
 
 @pytest.mark.parametrize("name", list(seqtp.METHODS))

@@ -112,7 +112,8 @@ class AnalyticInverse(InverseSolver):
         backend: how :meth:`propagate` runs the recursion: ``"torch"`` (the reference loops), ``"triton"`` (the
             fused kernel of :mod:`seqtp.kernels`, CUDA), ``"cuda_graph"`` (the torch loop captured once per shape and
             replayed, CUDA), or ``"auto"`` (default: triton where it applies, else a CUDA graph on CUDA, else torch).
-            The two fast paths run the exact rule as the difference rule (:meth:`exact_as_difference`).
+            The Triton path runs the exact rule as the difference rule (:meth:`exact_as_difference`); the CUDA
+            graph replays :func:`torch_shifts` with the rule as it is.
         fuse_local_update: where the kernel runs with ``H <= 128``, let :meth:`propagate_local_update` accumulate
             the local update's gradients inside the kernel instead of writing the shifts (used by
             :class:`seqtp.TargetProp` with ``update="local"``). Off by default (no GPU measurement).

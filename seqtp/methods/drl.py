@@ -184,7 +184,8 @@ class DRL(Method):
 
     Args:
         target_lr: ``gamma_h`` of the direct shifts.
-        feedback_lr, noise, momentum, sample_steps, truncation, seed: of :class:`DRLInverse`.
+        feedback_lr, noise, sample_steps, truncation, seed: of :class:`DRLInverse`. feedback_momentum: its SGD
+            momentum.
         feedback_nonlinearity: ``"tanh"`` (default) or ``"identity"`` (LSTM: the cell-state half of ``s = [h, c]``
             is not bounded by 1).
         normalize: Bengio (2020)'s per-step normalization of the update (:func:`seqtp.methods.influence_weights`).
@@ -207,12 +208,12 @@ class DRL(Method):
         noise: float = 0.1,
         sample_steps: int | None = None,
         truncation: int | None = None,
-        momentum: float = 0.0,
+        feedback_momentum: float = 0.0,
         feedback_nonlinearity: str = "tanh",
         normalize: bool = False,
         seed: int = 0,
     ):
-        self.inverse = DRLInverse(feedback_lr=feedback_lr, noise=noise, momentum=momentum, seed=seed,
+        self.inverse = DRLInverse(feedback_lr=feedback_lr, noise=noise, momentum=feedback_momentum, seed=seed,
                                   nonlinearity=feedback_nonlinearity, sample_steps=sample_steps,
                                   truncation=truncation)
         self._tp = TargetProp(reg=1.0, target_lr=target_lr, mode="difference", update="local", solver=self.inverse,
@@ -303,8 +304,9 @@ class DDTP(Method):
 
     Args:
         target_lr: the output step ``gamma``.
-        feedback_lr, noise, damping, truncation, momentum, seed: of
+        feedback_lr, noise, damping, truncation, seed: of
             :class:`~seqtp.inverses.direct.DirectFeedback` (``damping`` = the weight decay ``lambda``).
+        feedback_momentum: the feedback's SGD momentum.
 
     Stats: ``feedback_loss`` (before the step); ``shift_first``, ``shift_mid``, ``shift_last``: batch mean of
     ``|delta_t|`` at ``t = 1, T/2, T``.
@@ -326,14 +328,14 @@ class DDTP(Method):
         noise: float = 0.1,
         damping: float = 0.1,
         truncation: int | None = None,
-        momentum: float = 0.0,
+        feedback_momentum: float = 0.0,
         seed: int = 0,
     ):
         if not target_lr > 0:
             raise ValueError(f"target_lr must be > 0, got {target_lr}")
         self.target_lr = float(target_lr)
         self.feedback = DirectFeedback(feedback_lr=feedback_lr, noise=noise, damping=damping, truncation=truncation,
-                                       momentum=momentum, seed=seed)
+                                       momentum=feedback_momentum, seed=seed)
 
     def state_dict(self) -> dict:
         """The direct feedback's weights, optimizer and noise generator (copies); ``{}`` before the first batch."""

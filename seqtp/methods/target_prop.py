@@ -74,7 +74,8 @@ class TargetProp(Method):
        loss (``= B * dL/dh_t`` for the batch-mean loss ``L``), so targets do not depend on the batch size. The
        readout gets its ordinary gradient of ``L``.
     3. Targets ``v_t = s_t + delta_t`` by :func:`seqtp.propagate_targets`'s rule ``mode`` with the inverse
-       ``solver`` (``"auto"``: analytic for Elman, Gauss-Newton otherwise; or an ``InverseSolver`` instance). A
+       ``solver`` (``"auto"``: analytic for Elman, else dense or Gauss-Newton by the state size,
+       :func:`seqtp.inverses.auto_solver_name`; or an ``InverseSolver`` instance). A
        ``trainable`` solver (the learned inverse) gets one training step per batch first (TPTT order).
     4. RNN gradient by ``update``: ``"local"``, the batch mean of ``sum_t 1/2 |f(s_{t-1}, x_t) - v_t|^2`` with
        ``s_{t-1}``, ``v_t`` constant (Elman: the closed form :func:`local_update_grads`; other cells: one batched
