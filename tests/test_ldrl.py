@@ -355,9 +355,9 @@ def test_state_round_trip_is_exact(momentum):
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_other_cells_are_refused(cell):
     model, x, loss_fn = make_problem(cell=cell, hidden=4)
-    with pytest.raises(ValueError, match="Elman cells only"):
+    with pytest.raises(TypeError, match="Elman cells only"):
         LDRL().backward(model, x, loss_fn)
-    with pytest.raises(ValueError, match="Elman cells only"):
+    with pytest.raises(TypeError, match="Elman cells only"):
         LDRL().targets(model, x, loss_fn)
 
 

@@ -216,8 +216,8 @@ class LDRL(Method):
     ``|delta_t|`` at ``t = 1, T/2, T``); ``grad_norm`` (before clipping) with ``clip``.
 
     Raises:
-        ValueError: invalid options (at construction); a GRU/LSTM model, or an RNN whose hidden size differs from
-        the feedback's (at the first :meth:`backward` / :meth:`targets`).
+        ValueError: invalid options (at construction); an RNN whose hidden size differs from the feedback's (at the
+        first :meth:`backward` / :meth:`targets`). TypeError: a GRU/LSTM model (Elman cells only, as GAIT-prop).
     """
 
     has_targets = True
@@ -329,7 +329,7 @@ class LDRL(Method):
         """Steps 1-4: ``(loss, cell, states [B, T, H], deltas [B, T, H], stats)``."""
         cell = make_cell(model)
         if cell.kind != "elman":
-            raise ValueError(f"LDRL supports Elman cells only (its gated linear feedback), got a {cell.kind} cell")
+            raise TypeError(f"LDRL supports Elman cells only (its gated linear feedback), got a {cell.kind} cell")
         with torch.no_grad():
             hidden = hidden_states(model, x)  # [B, T, H]
         leaf = hidden.detach().requires_grad_()
