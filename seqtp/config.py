@@ -134,6 +134,9 @@ def method_options(cls: type[Method]) -> dict[str, tuple[type, object]]:
         if default is inspect.Parameter.empty:
             raise TypeError(f"{cls.__name__}: option {p.name!r} has no default (give one in config_defaults)")
         out[p.name] = (tp, default)
+    unknown = set(cls.config_defaults) - set(out) - optimizer_keys
+    if unknown:
+        raise TypeError(f"{cls.__name__}.config_defaults: {', '.join(sorted(unknown))} is not a config option")
     return out
 
 

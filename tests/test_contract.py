@@ -260,6 +260,15 @@ def test_an_option_that_clashes_with_the_optimizer_fields_is_refused():
     with pytest.raises(TypeError, match="clashes with the optimizer"):
         method_options(Clash)
 
+    class Stray(Clash):
+        config_defaults = {"mommentum": 0.5}
+
+        def __init__(self, *, beta: float = 0.0):
+            self.beta = beta
+
+    with pytest.raises(TypeError, match="mommentum is not a config option"):
+        method_options(Stray)
+
 
 @pytest.mark.parametrize("name", list(seqtp.METHODS))
 @pytest.mark.parametrize("config", ["adding", "copying", "temporal_order"])

@@ -197,7 +197,7 @@ class DRL(Method):
     """
 
     has_targets = True
-    config_defaults = {"lr": 0.1, "target_lr": 0.1}
+    config_defaults = {"lr": 0.1, "target_lr": 0.1, "sample_steps": 8}  # training: O(8 T) feedback cost, not O(T^2)
     search_space = ("lr=1e-3:1", "target_lr=1e-3:1", "feedback_lr=1e-3:1")
 
     def __init__(
