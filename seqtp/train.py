@@ -243,6 +243,8 @@ def _run(cfg: Config, out: Path, *, device: torch.device, resume: bool, progress
         if not (out / "config.yaml").is_file():
             raise RunError(f"cannot resume: no config.yaml in {out}")
         stored = yaml.safe_load((out / "config.yaml").read_text())
+        # through the current schema: a section or option added since (a new method) takes its default
+        stored = to_dict(config_from_dict(stored, str(out / "config.yaml")))
         _check_resume_config(stored, to_dict(cfg))
         cfg = config_from_dict({**stored, "train": {**stored["train"], "steps": cfg.train.steps},
                                 "device": cfg.device}, str(out / "config.yaml"))

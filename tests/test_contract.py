@@ -279,3 +279,25 @@ def test_every_method_trains_from_the_cli_on_every_config(name, config, tmp_path
                  "--no-progress", "--set", "train.steps=3", "train.eval_every=3", "task.val_size=8",
                  "model.hidden_size=6", "task.seq_len=10", "train.batch_size=4"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_run_from_before_a_method_was_added_still_resumes(tmp_path):
+    """A run folder's config.yaml without the sections of methods registered since (and without an option added
+    since) resumes: the schema fills them with their defaults."""
+    import yaml
+
+    from seqtp.train import train
+
+    cfg = load_config(ROOT / "configs" / "adding.yaml", ["train.steps=2", "train.eval_every=1", "task.val_size=8",
+                                                          "model.hidden_size=4", "task.seq_len=10"])
+    run = tmp_path / "run"
+    train(cfg, run, device="cpu", progress=False)
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    for name in seqtp.METHODS:
+        if name not in ("tp", "bptt"):
+            del stored[name]
+    del stored["tp"]["noise"]
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
+    more = load_config(ROOT / "configs" / "adding.yaml", ["train.steps=3", "train.eval_every=1", "task.val_size=8",
+                                                           "model.hidden_size=4", "task.seq_len=10"])
+    assert train(more, run, device="cpu", resume=True, progress=False).status == "completed"
