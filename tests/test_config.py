@@ -241,7 +241,7 @@ def test_section_must_be_a_mapping(tmp_path: Path) -> None:
         ("bptt.optimizer=lbfgs", "bptt.optimizer"),
         ("model.nonlinearity=sigmoid", "model.nonlinearity"),
         ("model.init=xavier", "model.init"),
-        ("method=dtp", "method"),
+        ("method=nope", "method"),
         ("device=gpu", "device"),
         ("device=cuda:x", "device"),
         ("model.cell=transformer", "model.cell"),
