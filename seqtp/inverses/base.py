@@ -78,6 +78,20 @@ def flush_tiny(delta: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.hardshrink(delta, flush_floor(delta.dtype))
 
 
+def move_training_state(optimizer: torch.optim.Optimizer, generator: torch.Generator, seed: int,
+                        like: torch.Tensor) -> torch.Generator:
+    """Move a trained feedback's optimizer state to the device and dtype of ``like`` (after its parameters were moved
+    in place, so the optimizer keeps the same ``Parameter`` objects), and return its noise generator on that device: a
+    generator state does not move between devices, so one on another device is re-created from ``seed``."""
+    for buf in optimizer.state.values():
+        for key, val in buf.items():
+            if torch.is_tensor(val):
+                buf[key] = val.to(device=like.device, dtype=like.dtype)
+    if generator.device != like.device:
+        generator = torch.Generator(device=like.device).manual_seed(seed)
+    return generator
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from .._cells import Cell
+from .base import move_training_state
 
 OUTPUTS = ("last", "all")
 
@@ -131,12 +132,7 @@ class DirectFeedback:
                              f"{output_size})")
         if q.device != like.device or q.dtype != like.dtype:
             q.data = q.data.to(device=like.device, dtype=like.dtype)
-            for buf in self.optimizer.state.values():
-                for key, val in buf.items():
-                    if torch.is_tensor(val):
-                        buf[key] = val.to(device=like.device, dtype=like.dtype)
-            if self.generator.device != like.device:
-                self.generator = torch.Generator(device=like.device).manual_seed(self.seed)
+            self.generator = move_training_state(self.optimizer, self.generator, self.seed, like)
         return q
 
     # -- targets -----------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._cells import Cell
-from .base import InverseSolver
+from .base import InverseSolver, move_training_state
 
 FEEDBACK_NONLINEARITIES = ("tanh", "identity")
 
@@ -161,12 +161,7 @@ class LearnedInverse(InverseSolver):
                              f"({cell.state_size}, {cell.input_size})")
         if fb.V.device != states.device or fb.V.dtype != states.dtype:
             fb.to(device=states.device, dtype=states.dtype)  # in place: the optimizer keeps the same Parameters
-            for buf in self.optimizer.state.values():
-                for key, val in buf.items():
-                    if torch.is_tensor(val):
-                        buf[key] = val.to(device=states.device, dtype=states.dtype)
-            if self.generator.device != states.device:
-                self.generator = torch.Generator(device=states.device).manual_seed(self.seed)
+            self.generator = move_training_state(self.optimizer, self.generator, self.seed, states)
         return fb
 
     def _corrupt(self, prev: torch.Tensor, noise: float) -> torch.Tensor:

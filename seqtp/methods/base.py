@@ -79,6 +79,32 @@ def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad.add_(grad.to(param.dtype))
 
 
+def loss_and_state_grad(
+    loss_fn: LossFn, leaf: torch.Tensor, *, readout_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss_fn(leaf)`` and ``dL/dh`` on the forward states ``leaf`` ``[B, T, H]`` (a leaf that requires grad).
+
+    With ``readout_grad`` the loss is back-propagated into the readout's ``.grad`` too (one backward pass gives both);
+    otherwise only ``dL/dh`` is computed and no ``.grad`` is written.
+
+    Returns:
+        ``(loss, dL/dh [B, T, H])``.
+
+    Raises:
+        ValueError: ``loss_fn(states)`` does not depend on the states.
+    """
+    with torch.enable_grad():
+        loss = loss_fn(leaf)
+        if readout_grad:
+            loss.backward()  # readout .grad, and dL/dh_t in leaf.grad
+            dl_dh, leaf.grad = leaf.grad, None
+        else:
+            (dl_dh,) = torch.autograd.grad(loss, leaf, allow_unused=True)  # [B, T, H]
+    if dl_dh is None:
+        raise ValueError("loss_fn(states) does not depend on the states: nothing to propagate")
+    return loss, dl_dh
+
+
 def hidden_states(module: torch.nn.Module, x: torch.Tensor, *, truncation: int | None = None) -> torch.Tensor:
     """The outputs ``h_1 .. h_T`` ``[B, T, H]`` of an :class:`RNNModel` or a plain ``torch.nn.RNN``/``GRU``/``LSTM``."""
     if isinstance(module, RNNModel):

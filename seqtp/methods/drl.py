@@ -16,8 +16,8 @@ import torch
 from .._cells import Cell, make_cell
 from ..inverses import LearnedInverse, complete_states
 from ..inverses.direct import DirectFeedback
-from .base import LossFn, Method, accumulate, hidden_states
-from .target_prop import TargetProp, local_update_grads, local_update_loss
+from .base import LossFn, Method, hidden_states
+from .target_prop import TargetProp, local_update
 
 
 class DRLInverse(LearnedInverse):
@@ -267,20 +267,6 @@ def _outputs_mode(y: torch.Tensor, leaf: torch.Tensor) -> str:
     raise ValueError(f"the readout output must be [B, C] or [B, T, C] (B={batch}, T={seq_len}), got {tuple(y.shape)}")
 
 
-def _local_update(model, x: torch.Tensor, cell: Cell, states: torch.Tensor, deltas: torch.Tensor) -> None:
-    """Accumulate the local TP update of the RNN (as :class:`TargetProp` with ``update="local"``) into ``.grad``."""
-    if cell.kind == "elman":  # closed form, no autograd
-        rnn = getattr(model, "rnn", model)
-        g_ih, g_hh, g_b = local_update_grads(cell.elman_params(), x, states, deltas)
-        pairs = [(rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh)]
-        if rnn.bias:
-            pairs += [(rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b)]
-        for p, g in pairs:
-            accumulate(p, g)
-    else:
-        local_update_loss(make_cell(model, detach=False), x, states, states + deltas).backward()
-
-
 class DDTP(Method):
     """Direct difference target propagation through time with linear feedback (Meulemans et al., NeurIPS 2020,
     "DDTP-linear"), for any recurrent cell of a :class:`seqtp.RNNModel`.
@@ -382,7 +368,7 @@ class DDTP(Method):
 
     def backward(self, model, x, loss_fn):
         loss, cell, states, deltas = self._targets(model, x, loss_fn, write_grads=True)
-        _local_update(model, x, cell, states, deltas)
+        local_update(model, x, cell, states, deltas)
         seq_len = states.shape[1]
         norms = deltas[:, [0, seq_len // 2, seq_len - 1]].norm(dim=-1).mean(dim=0)  # [3]
         stats = {"feedback_loss": torch.as_tensor(self.feedback.last_loss), "shift_first": norms[0],

@@ -12,8 +12,8 @@ import torch
 
 from .._cells import ElmanParams, activation_grad_from_output, make_cell
 from ..inverses import FactorizationError
-from .base import Method, accumulate, hidden_states
-from .target_prop import local_update_grads
+from .base import Method, hidden_states, loss_and_state_grad
+from .target_prop import accumulate_local_grads, local_update_grads
 
 
 def inverse_increment(h: torch.Tensor, d: torch.Tensor, nonlinearity: str, *, eps: float = 1e-3) -> torch.Tensor:
@@ -231,14 +231,7 @@ class GAITProp(Method):
         with torch.no_grad():
             hidden = hidden_states(model, x)  # [B, T, H]
         leaf = hidden.requires_grad_()
-        loss = loss_fn(leaf)
-        if readout_grad:
-            loss.backward()  # readout .grad, and dL/dh_t in leaf.grad
-            dl_dh, leaf.grad = leaf.grad, None
-        else:
-            (dl_dh,) = torch.autograd.grad(loss, leaf, allow_unused=True)  # [B, T, H]
-        if dl_dh is None:
-            raise ValueError("loss_fn(states) does not depend on the states: nothing to propagate")
+        loss, dl_dh = loss_and_state_grad(loss_fn, leaf, readout_grad=readout_grad)
         direct = dl_dh.mul_(-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -target_lr * dl_i/dh_t
         states = leaf.detach()
         params = cell.elman_params()
@@ -249,7 +242,6 @@ class GAITProp(Method):
         seq_len = states.shape[1]
         steps = [0, seq_len // 2, seq_len - 1]  # the steps whose mean shift norm is reported
         norms = errs[:, steps].norm(dim=-1).mean(dim=0) * self.gamma  # [3]
-        rnn = getattr(model, "rnn", model)
         g_ih, g_hh, g_b = local_update_grads(params, x, states, errs)  # the local update of v divided by gamma
         w = params.weight_hh  # [H, H]
         eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
@@ -257,11 +249,7 @@ class GAITProp(Method):
         defect = gram.norm()
         if self.ortho_penalty > 0:
             g_hh = g_hh + self.ortho_penalty * (gram @ w)  # [H, H]: d/dW (lambda/4) |W W^T - I|^2
-        pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
-        if rnn.bias:
-            pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
-        for p, g in pairs:
-            accumulate(p, g)
+        accumulate_local_grads(model, g_ih, g_hh, g_b)
         stats = {"shift_first": norms[0], "shift_mid": norms[1], "shift_last": norms[2],
                  "ortho_defect": defect, "ortho_penalty": 0.25 * self.ortho_penalty * defect.square()}
         if self.clip is not None:

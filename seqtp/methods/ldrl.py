@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from .._cells import Cell, activation, activation_grad_from_output, make_cell
-from .base import LossFn, Method, accumulate, hidden_states
-from .target_prop import local_update_grads
+from ..inverses.base import move_training_state
+from .base import LossFn, Method, hidden_states, loss_and_state_grad
+from .target_prop import local_update
 
 __all__ = ["FEEDBACK_INITS", "LDRL", "GatedLinearFeedback", "feedback_angle", "ldrl_loss"]
 
@@ -281,12 +282,7 @@ class LDRL(Method):
             raise ValueError(f"the feedback has H = {fb.Q.shape[0]}, the RNN has hidden_size {cell.hidden_size}")
         if fb.Q.device != states.device or fb.Q.dtype != states.dtype:
             fb.to(device=states.device, dtype=states.dtype)  # in place: the optimizer keeps the same Parameters
-            for buf in self.optimizer.state.values():
-                for key, val in buf.items():
-                    if torch.is_tensor(val):
-                        buf[key] = val.to(device=states.device, dtype=states.dtype)
-            if self.generator.device != states.device:  # a generator state does not move between devices
-                self.generator = torch.Generator(device=states.device).manual_seed(self.seed)
+            self.generator = move_training_state(self.optimizer, self.generator, self.seed, states)
         return fb
 
     def _train_feedback(self, cell: Cell, x: torch.Tensor, states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -333,15 +329,7 @@ class LDRL(Method):
         with torch.no_grad():
             hidden = hidden_states(model, x)  # [B, T, H]
         leaf = hidden.detach().requires_grad_()
-        with torch.enable_grad():
-            loss = loss_fn(leaf)
-            if readout_grad:
-                loss.backward()  # the readout's .grad, and dL/dh_t in leaf.grad
-                dl_dh, leaf.grad = leaf.grad, None
-            else:
-                (dl_dh,) = torch.autograd.grad(loss, leaf, allow_unused=True)  # [B, T, H]
-        if dl_dh is None:
-            raise ValueError("loss_fn(states) does not depend on the states: nothing to propagate")
+        loss, dl_dh = loss_and_state_grad(loss_fn, leaf, readout_grad=readout_grad)
         states = leaf.detach()  # [B, T, H]
         gate = activation_grad_from_output(states, cell.output_nonlinearity)  # [B, T, H]: D_t = phi'(z_t)
         stats = {"feedback_loss": self._train_feedback(cell, x, states, gate)}
@@ -375,13 +363,7 @@ class LDRL(Method):
 
     def backward(self, model, x, loss_fn):
         loss, cell, states, deltas, stats = self._prepare(model, x, loss_fn, readout_grad=True)
-        rnn = getattr(model, "rnn", model)
-        g_ih, g_hh, g_b = local_update_grads(cell.elman_params(), x, states, deltas)  # [H, D], [H, H], [H]
-        pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
-        if rnn.bias:
-            pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
-        for p, g in pairs:
-            accumulate(p, g)
+        local_update(model, x, cell, states, deltas)  # Elman: the closed form
         if self.clip is not None:
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
         return loss, stats

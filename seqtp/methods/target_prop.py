@@ -7,7 +7,7 @@ import torch
 
 from .._cells import Cell, ElmanParams, activation_grad_from_output, make_cell
 from ..inverses import SOLVERS, InverseSolver, check_mode, complete_states, make_solver
-from .base import LossFn, Method, accumulate, hidden_states
+from .base import LossFn, Method, accumulate, hidden_states, loss_and_state_grad
 
 UPDATES = ("local", "through_time")
 
@@ -188,14 +188,7 @@ class TargetProp(Method):
         with torch.set_grad_enabled(graph):
             hidden = hidden_states(model, x)  # [B, T, H]
         leaf = hidden.detach().requires_grad_()
-        loss = loss_fn(leaf)
-        if readout_grad:
-            loss.backward()  # readout .grad, and dL/dh_t in leaf.grad
-            dl_dh, leaf.grad = leaf.grad, None
-        else:
-            (dl_dh,) = torch.autograd.grad(loss, leaf, allow_unused=True)  # [B, T, H]
-        if dl_dh is None:
-            raise ValueError("loss_fn(states) does not depend on the states: nothing to propagate")
+        loss, dl_dh = loss_and_state_grad(loss_fn, leaf, readout_grad=readout_grad)
         cell = make_cell(model)
         direct_h = dl_dh.mul_(-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -gamma_h * dl_i/dh_t, in place
         states, direct = complete_states(cell, x, leaf.detach(), direct_h)  # [B, T, S] each
@@ -254,18 +247,36 @@ class TargetProp(Method):
             graph_cell = make_cell(model, detach=False)
             full = graph_cell.full_states(x, hidden)  # [B, T, S] with the graph
             (0.5 * (full - (states + deltas)).square().sum(dim=(1, 2)).mean()).backward()
-        elif cell.kind == "elman":  # closed form, no autograd
-            rnn = getattr(model, "rnn", model)
-            if local_grads is None:
-                local_grads = local_update_grads(cell.elman_params(), x, states, deltas)
-            g_ih, g_hh, g_b = local_grads
-            pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
-            if rnn.bias:
-                pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
-            for p, g in pairs:
-                accumulate(p, g)
         else:
-            local_update_loss(make_cell(model, detach=False), x, states, states + deltas).backward()
+            local_update(model, x, cell, states, deltas, local_grads=local_grads)
+
+
+def accumulate_local_grads(model, g_ih: torch.Tensor, g_hh: torch.Tensor, g_b: torch.Tensor) -> None:
+    """Accumulate an Elman cell's local-update gradients (:func:`local_update_grads`) into ``.grad`` of the RNN of
+    ``model`` (an :class:`seqtp.RNNModel` or a plain ``torch.nn.RNN``); both biases get ``g_b``."""
+    rnn = getattr(model, "rnn", model)
+    pairs = ((rnn.weight_ih_l0, g_ih), (rnn.weight_hh_l0, g_hh))
+    if rnn.bias:
+        pairs += ((rnn.bias_ih_l0, g_b), (rnn.bias_hh_l0, g_b))
+    for p, g in pairs:
+        accumulate(p, g)
+
+
+def local_update(model, x: torch.Tensor, cell: Cell, states: torch.Tensor, deltas: torch.Tensor | None, *,
+                 local_grads: tuple | None = None) -> None:
+    """Accumulate the local TP update (the gradient of :func:`local_update_loss`) into the RNN's ``.grad``: Elman in
+    closed form (:func:`local_update_grads`, or ``local_grads`` = ``(dU, dW, db)`` already computed by a fused
+    kernel, then ``deltas`` may be ``None``), other cells by one batched autograd call.
+
+    Args:
+        x: ``[B, T, D]``; states, deltas: ``[B, T, S]``.
+    """
+    if cell.kind == "elman":  # closed form, no autograd
+        if local_grads is None:
+            local_grads = local_update_grads(cell.elman_params(), x, states, deltas)
+        accumulate_local_grads(model, *local_grads)
+    else:
+        local_update_loss(make_cell(model, detach=False), x, states, states + deltas).backward()
 
 
 def influence_weights(direct: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
