@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ._cells import activation, inverse_activation_grad, make_cell
 from ._model import CELL_KINDS, RNNModel
-from .inverses import MODES, FactorizationError, auto_solver_name
+from .inverses import AnalyticInverse, FactorizationError, auto_solver_name
 from .methods import BPTT, UPDATES, Method, TargetProp
 
 Shape = tuple[int, int, int, int]  # (batch B, seq_len T, hidden H, input D)
@@ -74,7 +74,7 @@ ROW_KEYS = (
 def _variant_specs() -> dict[str, dict]:
     """``name -> {"method", "mode", "update", "backend"}``; BPTT's backend (``None`` here) is resolved per run."""
     specs = {"bptt": {"method": "bptt", "mode": None, "update": None, "backend": None}}
-    for mode in MODES:
+    for mode in AnalyticInverse.fused_rules:  # the rules of the analytic inverse's own paths
         for update in UPDATES:
             specs[f"tp-{mode}-{update}"] = {"method": "tp", "mode": mode, "update": update, "backend": "torch"}
     specs["tp-linearized-local-naive"] = {"method": "tp", "mode": "linearized", "update": "local", "backend": "naive"}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .inverses import SOLVERS
+from .inverses import RULES, SOLVERS
 from .methods import METHODS, Method
 from .tasks import TASKS
 
@@ -372,8 +372,10 @@ def _validate_method(cfg: Config, name: str, section) -> None:
     if not cls.takes_solver_options:
         return
     solver, options = section.solver, kwargs["solver_options"]
-    if solver == "analytic" and cfg.model.cell != "elman":
-        raise ConfigError(f"{name}.solver=analytic needs model.cell=elman, got model.cell={cfg.model.cell}")
+    rule = RULES[section.mode]
+    if cfg.model.cell not in rule.cells:
+        raise ConfigError(f"{name}.mode={section.mode} needs model.cell={' or '.join(rule.cells)}, got "
+                          f"model.cell={cfg.model.cell}")
     for key, value in options.items():
         owners = SOLVER_OPTIONS[key]
         if solver not in owners:
@@ -383,6 +385,9 @@ def _validate_method(cfg: Config, name: str, section) -> None:
             _check(value > 0, f"{name}.{key}", "must be > 0 or null", value)
     if solver in SOLVERS:
         try:
-            SOLVERS[solver](reg=section.reg, **options)
+            built = SOLVERS[solver](reg=section.reg, **options)
         except (ValueError, TypeError) as e:
             fail(e, SOLVERS[solver].__name__)
+        if cfg.model.cell not in built.cells:
+            raise ConfigError(f"{name}.solver={solver} needs model.cell={' or '.join(built.cells)}, got "
+                              f"model.cell={cfg.model.cell}")

@@ -329,6 +329,9 @@ def test_cell_and_solver_options_are_checked(overrides: list[str], fragment: str
     ("overrides", "message"),
     [
         (["model.cell=gru", "tp.solver=analytic"], "tp.solver=analytic needs model.cell=elman, got model.cell=gru"),
+        (["model.cell=lstm", "tp.solver=exact"], "tp.solver=exact needs model.cell=elman, got model.cell=lstm"),
+        (["model.cell=gru", "tp.solver=dense", "tp.mode=gait"],
+         "tp.mode=gait needs model.cell=elman, got model.cell=gru"),
         (["model.cell=lstm", "model.nonlinearity=relu"],
          "model.nonlinearity=relu applies to elman cells only, got model.cell=lstm"),
         (["task.name=sorting"], "task.name must be one of copying, adding, pixel_mnist, permuted_mnist, "

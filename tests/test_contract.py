@@ -37,10 +37,10 @@ TIGHT = {"gauss_newton": {"tol": 1e-13, "max_iter": 30}, "dense": {"tol": 1e-13,
          "iterated": {"steps": 60}}
 
 
-def solver_cells(name: str) -> list[str]:
-    """The cells solver ``name`` takes: the analytic inverse (and the iterated one over it, its default base) is
-    Elman only."""
-    return ["elman"] if name in ("analytic", "iterated") else ["elman", "gru", "lstm"]
+def solver_cells(name: str) -> tuple[str, ...]:
+    """The cells solver ``name`` takes, as it declares them (``InverseSolver.cells``; the iterated inverse takes its
+    default base's)."""
+    return SOLVERS[name](reg=0.5).cells
 
 
 SOLVER_CASES = [(name, kind) for name in SOLVERS for kind in solver_cells(name)]
@@ -115,11 +115,29 @@ def test_solver_fixed_point_difference_and_propagate(name, kind):
             torch.testing.assert_close(solver.invert(t, states[:, t]), states[:, t - 1], rtol=0, atol=1e-10)
     direct = torch.zeros_like(states)
     direct[:, -1] = 0.01
-    for mode in seqtp.inverses.MODES:
+    for mode in [m for m, rule in seqtp.RULES.items() if kind in rule.cells]:
         deltas = solver.propagate(direct, mode=mode)
         assert deltas.shape == states.shape and torch.isfinite(deltas).all()
         torch.testing.assert_close(deltas[:, -1], direct[:, -1], rtol=0, atol=0)
     assert all(isinstance(v, float) for v in solver.report().values())
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_solver_refuses_the_cells_it_does_not_declare(name):
+    for kind in sorted({"elman", "gru", "lstm"} - set(solver_cells(name))):
+        _, cell, x, states = problem(kind)
+        with pytest.raises(TypeError, match="cell"):
+            SOLVERS[name](reg=0.5).bind(cell, x, states)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_a_rule_refuses_the_cells_it_does_not_declare(kind):
+    solver, *_ = bound_solver("dense", kind)
+    direct = torch.zeros_like(solver.states)
+    for name, rule in seqtp.RULES.items():
+        if kind not in rule.cells:
+            with pytest.raises(TypeError, match="cell"):
+                solver.propagate(direct, mode=name)
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
@@ -270,14 +288,26 @@ def test_an_option_that_clashes_with_the_optimizer_fields_is_refused():
         method_options(Stray)
 
 
+CONFIG_FILES = sorted(p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+
+
 @pytest.mark.parametrize("name", list(seqtp.METHODS))
-@pytest.mark.parametrize("config", ["adding", "copying", "temporal_order"])
-def test_every_method_trains_from_the_cli_on_every_config(name, config, tmp_path, capsys):
+@pytest.mark.parametrize("config", CONFIG_FILES)
+def test_every_method_trains_from_the_cli_on_every_config(name, config, tmp_path, capsys, request):
+    """Every shipped YAML file (``configs/`` and ``configs/paper/``), shrunk: the synthetic tasks to ``T = 10``, MNIST
+    (784 steps kept) on the offline copy (skipped where it is absent)."""
+    import yaml
+
     from seqtp.cli import main
 
-    code = main(["train", str(ROOT / "configs" / f"{config}.yaml"), "--method", name, "--out", str(tmp_path / "r"),
-                 "--no-progress", "--set", "train.steps=3", "train.eval_every=3", "task.val_size=8",
-                 "model.hidden_size=6", "task.seq_len=10", "train.batch_size=4"])
+    path = ROOT / "configs" / config
+    task = yaml.safe_load(path.read_text())["task"]["name"]
+    shrink = ["train.steps=3", "train.eval_every=3", "task.val_size=8", "model.hidden_size=6", "train.batch_size=4"]
+    if task in ("pixel_mnist", "permuted_mnist"):
+        shrink.append(f"task.data_dir={request.getfixturevalue('mnist_dir')}")
+    else:
+        shrink.append("task.seq_len=10")
+    code = main(["train", str(path), "--method", name, "--out", str(tmp_path / "r"), "--no-progress", "--set", *shrink])
     assert code == 0, capsys.readouterr().err
 
 

@@ -365,3 +365,57 @@ def test_singular_weight_is_refused():
 def test_bad_options(kwargs, name):
     with pytest.raises(ValueError, match=name):
         GAITProp(**kwargs)
+
+
+# -- the parts: GAIT's rule and the exact inverse ------------------------------------------------------------------
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu", "identity"])
+def test_gait_is_target_prop_with_the_exact_inverse_and_gait_rule(nonlinearity):
+    """GAITProp without penalty and clip is TargetProp composed of the registered parts, bit for bit."""
+    model, x, loss_fn = make_problem(nonlinearity=nonlinearity, scales=[1.2, 0.9, 1.0, 1.1, 0.8, 1.0])
+    gait = rnn_grads(model, GAITProp(target_lr=TARGET_LR, gamma=1e-3), x, loss_fn)
+    composed = seqtp.TargetProp(reg=1.0, target_lr=TARGET_LR, mode="gait", solver="exact", update="local")
+    assert torch.equal(rnn_grads(model, composed, x, loss_fn), gait)
+    other_gamma = seqtp.TargetProp(reg=1.0, target_lr=TARGET_LR, mode=seqtp.GaitRule(1e-6), solver="exact",
+                                   update="local")
+    assert torch.equal(rnn_grads(model, other_gamma, x, loss_fn),
+                       rnn_grads(model, GAITProp(target_lr=TARGET_LR, gamma=1e-6), x, loss_fn))
+
+
+def test_exact_inverse_is_the_zero_reg_limit_of_the_analytic_inverse():
+    """``M = (W^T W + r I)^{-1} W^T = W^{-1} + O(r)`` and ``N = O(r)``: the regularized inverse converges to the
+    exact one at first order in ``reg`` (log-log slope 1 over three decades)."""
+    model, x, _ = make_problem(scales=[1.2, 0.9, 1.0, 1.1, 0.8, 1.0])
+    cell = seqtp.make_cell(model)
+    states = cell.unroll(x)
+    noise = torch.randn(states[:, 4].shape, generator=torch.Generator().manual_seed(3), dtype=F64)  # [B, H]
+    v = torch.tanh(torch.atanh(states[:, 4]) + 0.1 * noise)  # [B, H]: a target inside the atanh clamp
+    exact = seqtp.ExactInverse().bind(cell, x, states)
+    target = exact.invert(4, v)
+    # the exact inverse maps f's output back to its input (where the atanh clamp does not bind)
+    torch.testing.assert_close(cell.step(target, x[:, 4]), v, rtol=0, atol=1e-12)
+    regs = [1e-3, 1e-4, 1e-5, 1e-6]
+    errs = [float((seqtp.AnalyticInverse(reg=r).bind(cell, x, states).invert(4, v) - target).norm()) for r in regs]
+    slopes = [math.log10(errs[i] / errs[i + 1]) for i in range(3)]
+    assert all(abs(s - 1) < 0.02 for s in slopes), (errs, slopes)
+
+
+def test_gait_rule_options_and_cells():
+    with pytest.raises(ValueError, match="gamma"):
+        seqtp.GaitRule(0.0)
+    assert seqtp.RULES["gait"].gamma == 1e-3 and seqtp.RULES["gait"].cells == ("elman",)
+    assert seqtp.SOLVERS["exact"] is seqtp.ExactInverse and seqtp.ExactInverse().cells == ("elman",)
+    with pytest.raises(ValueError, match="eps"):
+        seqtp.ExactInverse(eps=1.0)
+
+
+def test_gait_rule_through_a_regularized_inverse_runs_the_generic_recursion():
+    """The analytic inverse runs GAIT's rule by the generic recursion (not its fused rules); as ``reg -> 0`` the
+    update approaches the exact inverse's."""
+    model, x, loss_fn = make_problem()
+    exact = rnn_grads(model, seqtp.TargetProp(reg=1.0, target_lr=TARGET_LR, mode="gait", solver="exact"), x, loss_fn)
+    errs = []
+    for reg in (1e-2, 1e-3):
+        approx = seqtp.TargetProp(reg=reg, target_lr=TARGET_LR, mode="gait", solver="analytic")
+        errs.append(rel_err(rnn_grads(model, approx, x, loss_fn), exact))
+    assert errs[1] < errs[0] / 5 and errs[1] < 1e-2, errs

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seqtp._cells import ElmanCell, make_cell
-from seqtp.inverses import MODES, AnalyticInverse, GaussNewtonInverse
+from seqtp.inverses import MODES, RULES, AnalyticInverse, GaussNewtonInverse
 
 DT = torch.float64
 TIGHT = {"tol": 1e-12, "cg_tol": 1e-13, "max_iter": 50}
@@ -195,7 +195,7 @@ def test_float32_follows_float64():
     cell64, x64, states64 = setup("gru", batch=8, steps=10, hidden=6)
     cell32, x32, states32 = setup("gru", batch=8, steps=10, hidden=6, dtype=torch.float32)
     direct = 0.1 * torch.randn(states64.shape, dtype=DT)
-    for mode in MODES:
+    for mode in [m for m, rule in RULES.items() if "gru" in rule.cells]:
         ref = GaussNewtonInverse(reg=1.0).bind(cell64, x64, states64).propagate(direct, mode=mode)
         gn = GaussNewtonInverse(reg=1.0).bind(cell32, x32, states32)
         got = gn.propagate(direct.float(), mode=mode)

@@ -9,6 +9,7 @@ from .analytic import AnalyticInverse, ElmanInverse, FactorizationError, torch_s
 from .base import (
     MODES,
     RULES,
+    GaitRule,
     InverseSolver,
     TargetRule,
     backward_recursion,
@@ -17,9 +18,11 @@ from .base import (
     flush_floor,
     flush_tiny,
     fold_stats,
+    get_rule,
 )
 from .dense import DenseInverse
 from .direct import DirectFeedback
+from .exact import ExactInverse, inverse_increment, inverse_weight
 from .gauss_newton import GaussNewtonInverse
 from .iterated import IteratedInverse
 from .learned import FeedbackCell, LearnedInverse
@@ -35,8 +38,10 @@ __all__ = [
     "DenseInverse",
     "DirectFeedback",
     "ElmanInverse",
+    "ExactInverse",
     "FactorizationError",
     "FeedbackCell",
+    "GaitRule",
     "GaussNewtonInverse",
     "InverseSolver",
     "IteratedInverse",
@@ -50,6 +55,9 @@ __all__ = [
     "flush_floor",
     "flush_tiny",
     "fold_stats",
+    "get_rule",
+    "inverse_increment",
+    "inverse_weight",
     "make_solver",
     "propagate_targets",
     "torch_shifts",

@@ -123,6 +123,9 @@ class AnalyticInverse(InverseSolver):
         seqtp.FactorizationError (at :meth:`bind`): ``W^T W + r I`` cannot be factorized.
     """
 
+    cells = ("elman",)
+    fused_rules = ("linearized", "difference", "exact")
+
     def __init__(self, *, reg: float, eps: float = 1e-3, backend: str = "auto", fuse_local_update: bool = False):
         super().__init__(reg=reg)
         if backend not in BACKENDS:
@@ -183,7 +186,7 @@ class AnalyticInverse(InverseSolver):
         accumulates the local update itself: returns ``(dU [H, D], dW [H, H], db [H], norms [B, T])``, the gradients
         of :func:`seqtp.local_update_grads` and the row norms ``|delta_t|``, or ``None`` where the fused kernel does
         not apply (option off, backend not ``triton``, ``H > 128``); then call :meth:`propagate`."""
-        if not self.fuse_local_update:
+        if not self.fuse_local_update or mode not in self.fused_rules:
             return None
         self._check_propagate(direct, mode)
         backend = choose_backend(self.backend, self.states)
@@ -200,7 +203,10 @@ class AnalyticInverse(InverseSolver):
     def propagate(self, direct, *, mode="linearized", shift_cap=None):
         """As :meth:`InverseSolver.propagate`, by the backend: ``torch`` runs :func:`torch_shifts` (the generic loop
         over :meth:`invert` stays the reference in the tests), ``cuda_graph`` replays it, ``triton`` runs the exact
-        rule as the difference rule on corrected direct shifts (:meth:`exact_as_difference`)."""
+        rule as the difference rule on corrected direct shifts (:meth:`exact_as_difference`); a rule outside
+        :attr:`fused_rules` runs the generic recursion of :meth:`InverseSolver.propagate`."""
+        if mode not in self.fused_rules:  # another rule (GAIT's, or a TargetRule instance): the generic recursion
+            return super().propagate(direct, mode=mode, shift_cap=shift_cap)
         self._check_propagate(direct, mode)
         backend = choose_backend(self.backend, self.states)
         opts = dict(nonlinearity=self.inverse.params.nonlinearity, eps=self.eps, shift_cap=shift_cap)

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from .._cells import Cell
+from .._cells import Cell, activation_grad_from_output
 
 
 def fold_stats(stats: dict, **values) -> None:
@@ -92,10 +92,20 @@ def move_training_state(optimizer: torch.optim.Optimizer, generator: torch.Gener
     return generator
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
+def check_mode(mode: str | TargetRule) -> str | TargetRule:
+    """``mode`` itself if it names a rule of :data:`RULES` or is a :class:`TargetRule` instance.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if not isinstance(mode, TargetRule) and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
+
+
+def get_rule(mode: str | TargetRule) -> TargetRule:
+    """The :class:`TargetRule` of ``mode`` (a name of :data:`RULES`, or an instance, returned as it is)."""
+    return check_mode(mode) if isinstance(mode, TargetRule) else RULES[check_mode(mode)]
 
 
 class TargetRule(ABC):
@@ -104,6 +114,8 @@ class TargetRule(ABC):
     ``dhat_{t-1}`` and caps the result (:func:`backward_recursion`). Names in :data:`RULES` (the ``mode`` option)."""
 
     name: ClassVar[str]
+    cells: ClassVar[tuple[str, ...]] = ("elman", "gru", "lstm")
+    """The cell kinds the rule applies to (``Cell.kind``)."""
 
     @abstractmethod
     def back(self, solver: InverseSolver, t: int, delta: torch.Tensor) -> torch.Tensor:
@@ -137,8 +149,45 @@ class ExactRule(TargetRule):
         return solver.invert(t, solver.states[:, t] + delta) - solver.states[:, t - 1]
 
 
-RULES: dict[str, TargetRule] = {rule.name: rule for rule in (LinearizedRule(), DifferenceRule(), ExactRule())}
-"""The target rules by name; a fast path (the analytic inverse's kernels) may implement a rule itself."""
+class GaitRule(TargetRule):
+    """GAIT-prop's rule (Ahmad, van Gerven & Ambrogioni, NeurIPS 2020), rescaled so that nothing underflows:
+    ``[psi_t(s_t + gamma phi'(z_t)^2 delta_t) - psi_t(s_t)] / gamma``, Elman cells (``phi'(z_t)`` from ``h_t``).
+
+    The shifts it carries are GAIT's errors ``eps_t``, of order one; GAIT's targets are ``v_t = h_t + gamma eps_t``
+    and its update the local update of ``eps_t`` (that of ``v_t`` divided by ``gamma``). Through the exact inverse
+    (:class:`~seqtp.inverses.ExactInverse`) with an orthogonal ``W`` the errors tend to ``target_lr`` times the BPTT
+    adjoints as ``gamma -> 0`` (:class:`seqtp.GAITProp` derives it): the square ``phi'^2`` cancels ``a'(h_t) = 1 /
+    phi'(z_t)`` once and supplies the ``phi'`` of ``J_t^T = W^T diag(phi')``. The solver's ``difference`` should be
+    free of cancellation (the exact inverse's is), or the increments of order ``gamma`` lose ``ulp / gamma`` of
+    relative precision.
+
+    Args:
+        gamma: ``> 0``, the increment (``RULES["gait"]`` has the default ``1e-3``, the authors' value).
+
+    Raises:
+        ValueError: ``gamma <= 0``. TypeError (at :meth:`back`): a cell without an output nonlinearity (GRU, LSTM).
+    """
+
+    name = "gait"
+    cells = ("elman",)
+
+    def __init__(self, gamma: float = 1e-3):
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        self.gamma = float(gamma)
+
+    def back(self, solver, t, delta):
+        nonlinearity = solver.cell.output_nonlinearity
+        if nonlinearity is None:
+            raise TypeError(f"GAIT's rule needs an Elman cell (h = phi(z)), got a {solver.cell.kind} cell")
+        gate = activation_grad_from_output(solver.states[:, t], nonlinearity)  # [B, S]: phi'(z_t)
+        return solver.difference(t, self.gamma * gate.square() * delta) / self.gamma
+
+
+RULES: dict[str, TargetRule] = {rule.name: rule
+                                for rule in (LinearizedRule(), DifferenceRule(), ExactRule(), GaitRule())}
+"""The target rules by name (a method may pass a :class:`TargetRule` instance instead, e.g. ``GaitRule(gamma)``); a
+fast path (the analytic inverse's kernels) may implement some rules itself (:attr:`InverseSolver.fused_rules`)."""
 MODES = tuple(RULES)
 
 
@@ -167,6 +216,7 @@ class InverseSolver(ABC):
     - ``stateful``: :meth:`state_dict` / :meth:`load_state_dict` carry state across iterations (weights,
       optimizer, noise generator) that a checkpoint must keep.
     - ``fixed_point``: ``psi_t(s_t) = s_{t-1}`` (on by default; off for a learned feedback).
+    - ``cells``: the cell kinds it takes; ``fused_rules``: the rules its own :meth:`propagate` runs on a fast path.
     - a fused fast path: :meth:`propagate_local_update` consumes the shifts inside a kernel and returns the local
       update's gradients; the base returns ``None`` (not available), and the caller then uses :meth:`propagate`.
 
@@ -174,6 +224,11 @@ class InverseSolver(ABC):
         reg: ``r > 0``, the weight of the proximal term.
     """
 
+    cells: tuple[str, ...] = ("elman", "gru", "lstm")
+    """The cell kinds the solver takes (``Cell.kind``; a solver built over another may set it per instance);
+    :meth:`bind` refuses the others."""
+    fused_rules: ClassVar[tuple[str, ...]] = ()
+    """The rules :meth:`propagate` runs on its own fast path; every other rule goes through the generic recursion."""
     trainable: bool = False
     stateful: bool = False
     fixed_point: ClassVar[bool] = True
@@ -189,7 +244,13 @@ class InverseSolver(ABC):
         self._report: dict[str, float] = {}
 
     def bind(self, cell: Cell, x: torch.Tensor, states: torch.Tensor) -> InverseSolver:
-        """Prepare for one iteration (factorizations, etc.); returns ``self``."""
+        """Prepare for one iteration (factorizations, etc.); returns ``self``.
+
+        Raises:
+            TypeError: a cell kind not in :attr:`cells`. ValueError: shapes that do not match the cell.
+        """
+        if cell.kind not in self.cells:
+            raise TypeError(f"{type(self).__name__} takes {', '.join(self.cells)} cells, got a {cell.kind} cell")
         if states.shape[-1] != cell.state_size or x.shape[:2] != states.shape[:2]:
             raise ValueError(
                 f"shape mismatch: x {tuple(x.shape)}, states {tuple(states.shape)}; expected [B, T, D] and "
@@ -242,25 +303,26 @@ class InverseSolver(ABC):
         """Restore :meth:`state_dict`."""
 
     def propagate_local_update(
-        self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
+        self, direct: torch.Tensor, *, mode: str | TargetRule = "linearized", shift_cap: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The fused fast path: the local update's gradients ``(dU, dW, db, |delta| [B, T])`` computed without
         storing the shifts, or ``None`` where this solver has none (the base); then call :meth:`propagate`."""
         return None
 
-    def _check_propagate(self, direct: torch.Tensor, mode: str) -> None:
+    def _check_propagate(self, direct: torch.Tensor, mode: str | TargetRule) -> None:
         check_mode(mode)
         if direct.shape != self.states.shape:
             raise ValueError(f"direct shifts {tuple(direct.shape)} must have the states' shape "
                              f"{tuple(self.states.shape)}")
 
     def propagate(
-        self, direct: torch.Tensor, *, mode: str = "linearized", shift_cap: float | None = None
+        self, direct: torch.Tensor, *, mode: str | TargetRule = "linearized", shift_cap: float | None = None
     ) -> torch.Tensor:
-        """Shifts ``delta`` ``[B, T, S]`` of rule ``mode``, from ``delta_T = dhat_T`` backwards (call :meth:`bind`
-        first). Each ``delta_t`` is capped by :func:`cap_shift` before it is propagated further."""
+        """Shifts ``delta`` ``[B, T, S]`` of rule ``mode`` (a name of :data:`RULES` or a :class:`TargetRule`), from
+        ``delta_T = dhat_T`` backwards (call :meth:`bind` first). Each ``delta_t`` is capped by :func:`cap_shift`
+        before it is propagated further."""
         self._check_propagate(direct, mode)
-        rule = RULES[mode]
+        rule = get_rule(mode)
 
         def step(t: int, delta: torch.Tensor) -> torch.Tensor:  # delta_{t-1} before the cap [B, S]
             return direct[:, t - 1] + rule.back(self, t, delta)

@@ -87,6 +87,7 @@ class IteratedInverse(InverseSolver):
             raise TypeError(f"base must be an InverseSolver, got {type(base).__name__}")
         self.default_base = base is None
         self.base = AnalyticInverse(reg=reg, eps=eps) if base is None else base
+        self.cells = self.base.cells  # [the base's cell kinds]
         self.steps, self.tol, self.guard, self.eps = int(steps), float(tol), bool(guard), eps
         self._records: list[torch.Tensor] = []  # [2, K, B] per call: step norms, iterate norms
         self._frozen: list[torch.Tensor] = []  # [B] per call (guard): 1 where the row was frozen

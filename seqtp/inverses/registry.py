@@ -12,6 +12,7 @@ from .._cells import Cell
 from .analytic import AnalyticInverse
 from .base import InverseSolver
 from .dense import DenseInverse
+from .exact import ExactInverse
 from .gauss_newton import GaussNewtonInverse
 from .iterated import IteratedInverse
 from .learned import LearnedInverse
@@ -21,6 +22,7 @@ __all__ = ["DENSE_MAX_STATE", "SOLVERS", "auto_solver_name", "make_solver"]
 SOLVERS: dict[str, type[InverseSolver]] = {
     "analytic": AnalyticInverse,
     "dense": DenseInverse,
+    "exact": ExactInverse,
     "gauss_newton": GaussNewtonInverse,
     "iterated": IteratedInverse,
     "learned": LearnedInverse,

@@ -3,76 +3,40 @@ learning rule derived from backpropagation of error", NeurIPS 2020), math core: 
 
 Targets travel backwards through the exact inverse of each step (no regularization) as small, gradient-adjusted
 increments of the forward states; for orthogonal recurrent weights the local update they give tends to
-``target_lr`` times the BPTT gradient as the increment ``gamma -> 0``. See :class:`GAITProp` for the derivation.
+``target_lr`` times the BPTT gradient as the increment ``gamma -> 0``. See :class:`GAITProp` for the derivation. The
+method is composed of parts: the exact inverse (:class:`~seqtp.inverses.ExactInverse`), GAIT's target rule
+(:class:`~seqtp.inverses.GaitRule`), the local update (:func:`seqtp.local_update_grads`) and the orthogonality
+penalty; ``TargetProp(solver="exact", mode="gait", update="local")`` is the same method without penalty and clip.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._cells import ElmanParams, activation_grad_from_output, make_cell
-from ..inverses import FactorizationError
+from .._cells import ElmanParams, make_cell
+from ..inverses import ExactInverse, GaitRule, inverse_increment, inverse_weight
 from .base import Method, hidden_states, loss_and_state_grad
 from .target_prop import accumulate_local_grads, local_update_grads
 
-
-def inverse_increment(h: torch.Tensor, d: torch.Tensor, nonlinearity: str, *, eps: float = 1e-3) -> torch.Tensor:
-    """``a(h + d) - a(h)`` with ``a = phi^{-1}`` (clamped as :func:`seqtp._cells.inverse_activation`), computed
-    without the cancellation of the two terms, so that its relative error stays at rounding level for tiny ``d``.
-
-    tanh: with ``hc = clamp(h)`` and ``dc = clamp(h + d) - hc = clamp((h - hc) + d, lo - hc, hi - hc)``
-    (``lo, hi = -1 + eps, 1 - eps``), ``atanh(hc + dc) - atanh(hc) = atanh(dc / ((1 - hc)(1 + hc) - hc dc))``
-    (the subtraction formula of ``atanh``). relu (``a(v) = max(v, 0)``, ``h >= 0``): ``max(d, -h)``. identity:
-    ``d``.
-
-    Args:
-        h: forward states ``phi(z)`` ``[..., H]``; d: increments ``[..., H]``; nonlinearity: ``tanh``, ``relu`` or
-            ``identity``; eps: clamp margin of ``atanh``.
-
-    Returns:
-        ``a(h + d) - a(h)`` ``[..., H]``.
-    """
-    if nonlinearity == "tanh":
-        lo, hi = -1.0 + eps, 1.0 - eps
-        hc = h.clamp(lo, hi)  # [..., H]
-        dc = ((h - hc) + d).clamp(lo - hc, hi - hc)  # [..., H]: clamp(h + d) - hc
-        return torch.atanh(dc / ((1 - hc) * (1 + hc) - hc * dc))
-    if nonlinearity == "relu":
-        return torch.maximum(d, -h)
-    return d
-
-
-def inverse_weight(weight_hh: torch.Tensor) -> torch.Tensor:
-    """``W^{-1}`` ``[H, H]`` by one LU factorization (``torch.linalg.lu_factor_ex``) and one solve against ``I``.
-
-    Raises:
-        seqtp.FactorizationError: ``W`` is singular (on the CPU). On CUDA, to keep the iteration free of host
-            syncs, the inverse is filled with NaN instead, so the update is NaN and the training loop stops the run
-            as diverged.
-    """
-    lu, pivots, info = torch.linalg.lu_factor_ex(weight_hh)
-    if weight_hh.is_cuda:
-        lu = lu.masked_fill(info != 0, float("nan"))
-    elif int(info) != 0:
-        raise FactorizationError(f"weight_hh is singular: GAIT-prop needs an invertible W (finite weights: "
-                                 f"{bool(torch.isfinite(weight_hh).all())})")
-    eye = torch.eye(weight_hh.shape[0], dtype=weight_hh.dtype, device=weight_hh.device)
-    return torch.linalg.lu_solve(lu, pivots, eye)  # [H, H]
+__all__ = ["GAITProp", "gait_errors", "inverse_increment", "inverse_weight"]
 
 
 def gait_errors(
-    params: ElmanParams, states: torch.Tensor, direct: torch.Tensor, *, gamma: float, eps: float = 1e-3
+    cell, x: torch.Tensor, states: torch.Tensor, direct: torch.Tensor, *, gamma: float, eps: float = 1e-3
 ) -> torch.Tensor:
-    """The rescaled GAIT-prop errors ``eps_t`` of every step (the target shifts are ``gamma * eps_t``).
+    """The rescaled GAIT-prop errors ``eps_t`` of every step (the target shifts are ``gamma * eps_t``): GAIT's rule
+    (:class:`~seqtp.inverses.GaitRule`) through the exact inverse (:class:`~seqtp.inverses.ExactInverse`).
 
     ``eps_T = dhat_T`` and, for ``t = T .. 2``,
     ``eps_{t-1} = W^{-1} (a(h_t + gamma phi'(z_t)^2 eps_t) - a(h_t)) / gamma + dhat_{t-1}``,
-    with ``a(h_t) = z_t = W h_{t-1} + U x_t + b`` (see :class:`GAITProp`; :func:`inverse_increment` computes the
-    difference).
+    with ``a(h_t) = z_t = W h_{t-1} + U x_t + b`` (see :class:`GAITProp`); entries below
+    :func:`~seqtp.inverses.flush_floor` are zeroed, as in every target recursion
+    (:func:`~seqtp.inverses.backward_recursion`).
 
     Args:
-        params: the Elman cell; states: ``h_1 .. h_T`` ``[B, T, H]``; direct: ``dhat`` ``[B, T, H]`` (zero at steps
-            without a loss term); gamma: the increment; eps: clamp margin of ``atanh``.
+        cell: the Elman step (:func:`seqtp.make_cell`); x: ``[B, T, D]``; states: ``h_1 .. h_T`` ``[B, T, H]``;
+            direct: ``dhat`` ``[B, T, H]`` (zero at steps without a loss term); gamma: the increment; eps: clamp margin
+            of ``atanh``.
 
     Returns:
         ``eps`` ``[B, T, H]``.
@@ -80,17 +44,8 @@ def gait_errors(
     Raises:
         seqtp.FactorizationError: as :func:`inverse_weight`.
     """
-    w_inv = inverse_weight(params.weight_hh)  # [H, H]
-    grad = activation_grad_from_output(states, params.nonlinearity)  # [B, T, H]: phi'(z_t)
-    out = torch.empty_like(direct)  # [B, T, H]
-    err = direct[:, -1]  # [B, H]
-    out[:, -1] = err
-    for t in range(states.shape[1] - 1, 0, -1):
-        inc = gamma * grad[:, t].square() * err  # [B, H]: the increment of h_t's target
-        err = (inverse_increment(states[:, t], inc, params.nonlinearity, eps=eps) / gamma) @ w_inv.T  # [B, H]
-        err = err + direct[:, t - 1]
-        out[:, t - 1] = err
-    return out
+    solver = ExactInverse(eps=eps).bind(cell, x, states)
+    return solver.propagate(direct, mode=GaitRule(gamma))
 
 
 class GAITProp(Method):
@@ -145,7 +100,9 @@ class GAITProp(Method):
     atanh(1 - eps)``), which ``1 / gamma`` would amplify; there both the clamped rule and BPTT pass almost nothing
     (``phi' <= 2 eps``).
 
-    ``W^{-1}`` comes from one LU factorization per :meth:`backward` (:func:`inverse_weight`).
+    ``W^{-1}`` comes from one LU factorization per :meth:`backward` (:func:`inverse_weight`). Steps 2-3 are
+    ``TargetProp(solver=ExactInverse(eps=eps), mode=GaitRule(gamma), update="local")`` (tested); this class adds the
+    penalty, the clip and the shifts ``gamma eps_t`` of :meth:`targets`.
 
     Args:
         target_lr: ``> 0``, the scale of the direct targets; the update tends to ``target_lr`` times the BPTT
@@ -234,8 +191,7 @@ class GAITProp(Method):
         loss, dl_dh = loss_and_state_grad(loss_fn, leaf, readout_grad=readout_grad)
         direct = dl_dh.mul_(-self.target_lr * x.shape[0])  # [B, T, H]: dhat_t = -target_lr * dl_i/dh_t
         states = leaf.detach()
-        params = cell.elman_params()
-        return loss, params, states, gait_errors(params, states, direct, gamma=self.gamma, eps=self.eps)
+        return loss, cell.elman_params(), states, gait_errors(cell, x, states, direct, gamma=self.gamma, eps=self.eps)
 
     def backward(self, model, x, loss_fn):
         loss, params, states, errs = self._errors(model, x, loss_fn, readout_grad=True)
