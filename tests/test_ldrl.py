@@ -384,7 +384,7 @@ def test_config_schema():
     defaults name real fields."""
     options = method_options(LDRL)
     assert set(options) == {"target_lr", "feedback_lr", "noise", "feedback_steps", "feedback_probes",
-                            "feedback_momentum", "init", "seed", "clip"}
+                            "feedback_momentum", "init", "seed", "normalize", "clip"}
     fields = set(options) | {"optimizer", "lr", "momentum", "nesterov"}
     assert {spec.split("=")[0] for spec in LDRL.search_space} <= fields
     assert set(LDRL.config_defaults) <= fields and LDRL.has_targets
@@ -414,3 +414,26 @@ def test_feedback_module_and_angle():
         angle, dist = feedback_angle(math.cos(rad) * w.T + math.sin(rad) * a, w)
         assert float(angle) == pytest.approx(deg, abs=1e-6)
         assert float(dist) == pytest.approx(math.sqrt(2 - 2 * math.cos(rad)), rel=1e-12, abs=1e-12)
+
+
+def test_the_feedback_is_a_solver_on_which_every_rule_agrees():
+    """``LDRLFeedback`` as an inverse ``psi_t(v) = h_{t-1} + Q (D_t (v - h_t))`` is affine in ``v`` with
+    ``psi_t(h_t) = h_{t-1}``, so the linearized, difference and exact rules give the same targets (to rounding), and
+    ``TargetProp(solver="ldrl", mode="difference", update="local")`` is LDRL without the clip, bit for bit."""
+    model, x, loss_fn = make_problem(batch=3, seq_len=6, hidden=5)
+    shifts = {}
+    for mode in ("linearized", "difference", "exact"):
+        tp = seqtp.TargetProp(reg=1.0, target_lr=0.5, mode=mode, update="local",
+                              solver=seqtp.inverses.LDRLFeedback(feedback_steps=2, feedback_probes=64, seed=4))
+        shifts[mode] = tp.targets(model, x, loss_fn)[1]
+    torch.testing.assert_close(shifts["linearized"], shifts["difference"], rtol=0, atol=1e-15)
+    torch.testing.assert_close(shifts["exact"], shifts["difference"], rtol=1e-12, atol=1e-14)
+    opts = {"feedback_steps": 2, "feedback_probes": 64, "seed": 4}
+    grads = []
+    for method in (LDRL(target_lr=0.5, **opts),
+                   seqtp.TargetProp(reg=1.0, target_lr=0.5, mode="difference", update="local",
+                                    solver=seqtp.inverses.LDRLFeedback(**opts))):
+        model.zero_grad(set_to_none=True)
+        method.backward(model, x, loss_fn)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])

@@ -23,6 +23,7 @@ from .base import (
 from .dense import DenseInverse
 from .direct import DirectFeedback
 from .exact import ExactInverse, inverse_increment, inverse_weight
+from .gated import LDRLFeedback
 from .gauss_newton import GaussNewtonInverse
 from .iterated import IteratedInverse
 from .learned import FeedbackCell, LearnedInverse
@@ -45,6 +46,7 @@ __all__ = [
     "GaussNewtonInverse",
     "InverseSolver",
     "IteratedInverse",
+    "LDRLFeedback",
     "LearnedInverse",
     "TargetRule",
     "auto_solver_name",

@@ -287,8 +287,9 @@ class InverseSolver(ABC):
     def report(self) -> dict[str, float]:
         return dict(self._report)
 
-    def fit(self, cell: Cell, x: torch.Tensor, states: torch.Tensor) -> float:
-        """One training step of the inverse on a batch (``trainable`` solvers); returns its loss.
+    def fit(self, cell: Cell, x: torch.Tensor, states: torch.Tensor) -> float | torch.Tensor:
+        """One training step of the inverse on a batch (``trainable`` solvers); returns its loss, a Python float or a
+        0-d tensor (which spares a host sync).
 
         Raises:
             NotImplementedError: the solver is not trainable.

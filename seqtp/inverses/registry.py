@@ -13,6 +13,7 @@ from .analytic import AnalyticInverse
 from .base import InverseSolver
 from .dense import DenseInverse
 from .exact import ExactInverse
+from .gated import LDRLFeedback
 from .gauss_newton import GaussNewtonInverse
 from .iterated import IteratedInverse
 from .learned import LearnedInverse
@@ -26,6 +27,7 @@ SOLVERS: dict[str, type[InverseSolver]] = {
     "gauss_newton": GaussNewtonInverse,
     "iterated": IteratedInverse,
     "learned": LearnedInverse,
+    "ldrl": LDRLFeedback,
 }
 
 
