@@ -135,8 +135,9 @@ def test_tp_iteration_is_unchanged_beyond_float32_resolution(name, mode, update,
     g32_raw, _ = run(torch.float32, False)
     assert (g32 - g32_raw).norm() <= torch.finfo(torch.float32).eps * g32_raw.norm()
     # Agreement with float64, except: the learned inverses (learned, ldrl) draw their fit noise (and the learned one
-    # its feedback weights) in the run's dtype; the exact inverse amplifies the shifts to ~1e21 over these 120 steps (the atanh clamp then decides);
-    # GAIT's rule through a solver whose difference cancels (all but the exact one) loses ulp / gamma per step.
+    # its feedback weights) in the run's dtype; the exact inverse amplifies the shifts to ~1e21 over these 120 steps
+    # (the atanh clamp then decides); GAIT's rule through a solver whose difference cancels (all but the exact one)
+    # loses ulp / gamma per step.
     if name not in ("learned", "ldrl", "exact") and mode != "gait":
         g64, _ = run(torch.float64, True)
         assert (g32.double() - g64).norm() <= 1e-4 * g64.norm()
