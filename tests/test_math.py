@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import seqtp
-from seqtp._cells import elman_forward, elman_params, inverse_activation
+from seqtp._cells import ElmanParams, elman_forward, elman_params, inverse_activation
 from seqtp.inverses import ElmanInverse, cap_shift
 
 F64 = torch.float64
@@ -194,8 +194,15 @@ def test_inverse_errors():
                                 torch.zeros(1, 2, 6, dtype=F64), reg=1.0, mode="bogus")
     with torch.no_grad():
         model.rnn.weight_hh_l0[0, 0] = float("nan")
-    with pytest.raises(seqtp.FactorizationError, match="Cholesky"):
+    with pytest.raises(seqtp.FactorizationError, match="Cholesky") as info:
         ElmanInverse(elman_params(model), reg=1.0)
+    assert "finite weights: False" in str(info.value) and "grown" not in str(info.value)
+    # finite but grown weights (float32, a nearly rank-one W of size 1e4): the message names the size and the cause
+    gen = torch.Generator().manual_seed(0)
+    big = 1e4 * torch.randn(8, 1, generator=gen) @ torch.randn(1, 8, generator=gen)  # [H, H]
+    params = ElmanParams(torch.zeros(8, 2), big + 0.01 * torch.randn(8, 8, generator=gen), torch.zeros(8), "tanh")
+    with pytest.raises(seqtp.FactorizationError, match=r"finite weights: True, \|W\|_max = .*the weights have grown"):
+        ElmanInverse(params, reg=0.1)
     with pytest.raises(ValueError, match="batch_first"):
         elman_params(torch.nn.RNN(3, 4))
 

@@ -56,10 +56,12 @@ class ElmanInverse:
         if w.is_cuda:  # no host sync: a failed factorization poisons the factor (so M and N), the loss check sees NaN
             chol = chol.masked_fill(info != 0, float("nan"))
         elif int(info) != 0:
-            raise FactorizationError(
-                f"Cholesky factorization of W^T W + reg*I failed (reg={self.reg}, finite weights: "
-                f"{bool(torch.isfinite(w).all())})"
-            )
+            finite = bool(torch.isfinite(w).all())
+            size = f", |W|_max = {float(w.abs().max()):.3g}" if finite else ""
+            hint = ("; W^T W swamps reg*I in this precision: the weights have grown (lower the learning rate, or clip)"
+                    if finite and float(w.abs().max()) ** 2 * torch.finfo(w.dtype).eps > self.reg else "")
+            raise FactorizationError(f"Cholesky factorization of W^T W + reg*I failed (reg={self.reg}, finite weights: "
+                                     f"{finite}{size}){hint}")
         self._chol = chol  # [H, H] lower factor
         self.M = torch.cholesky_solve(w.T, chol)  # [H, H]
         self._n: torch.Tensor | None = None
