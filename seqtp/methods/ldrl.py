@@ -58,7 +58,7 @@ class LDRL(TargetProp):
     0.4-0.46 degrees after 30, the noise floor) and the update's cosine with BPTT reaches 0.9999.
     ``sqrt(feedback_lr * H / N)`` grows with ``H``: at ``H = 100`` the floor is ~1 degree. Cost per batch:
     ``feedback_steps`` times three ``[N, H] x [H, H]`` products and ``2 N H`` normal draws (Elman temporal order,
-    H = 100, B = 20, T = 60, one CPU thread: 40-46x a BPTT backward, docs/results/family/).
+    H = 100, B = 20, T = 60, one CPU thread: 31-40x a BPTT backward in turns, docs/results/family/).
 
     Stats: ``feedback_loss`` (the mean normalized loss over this call's SGD steps, each before its step; ``nan``
     without steps), ``feedback_angle`` (degrees between ``Q`` and ``W^T`` after training), ``feedback_distance``
