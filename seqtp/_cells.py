@@ -87,6 +87,10 @@ class ElmanParams:
     bias: torch.Tensor
     nonlinearity: str
 
+    def drive(self, x: torch.Tensor) -> torch.Tensor:
+        """``U x_t + b`` for all steps: ``x`` ``[B, T, D]`` -> ``[B, T, H]``."""
+        return x @ self.weight_ih.T + self.bias
+
 
 def elman_params(rnn: torch.nn.Module, *, dtype: torch.dtype | None = None) -> ElmanParams:
     """Read the Elman parameters of a ``torch.nn.RNN`` or of a :class:`seqtp.RNNModel` (detached).

@@ -76,7 +76,7 @@ class ElmanInverse:
 
     def drive(self, x: torch.Tensor) -> torch.Tensor:
         """``c_t = U x_t + b`` for all steps: ``x`` ``[B, T, D]`` -> ``[B, T, H]``."""
-        return x @ self.params.weight_ih.T + self.params.bias
+        return self.params.drive(x)
 
     def invert(self, v: torch.Tensor, h_prev: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
         """``psi_t(v) = M (a(v) - c_t) + N h_{t-1}``.
@@ -135,8 +135,6 @@ class AnalyticInverse(InverseSolver):
         self.eps, self.backend, self.fuse_local_update = eps, backend, bool(fuse_local_update)
 
     def bind(self, cell, x, states):
-        if cell.output_nonlinearity is None:
-            raise TypeError(f"the analytic inverse needs an Elman cell, got a {cell.kind} cell")
         super().bind(cell, x, states)
         self.inverse = ElmanInverse(cell.elman_params(), reg=self.reg, eps=self.eps)
         self._drive: torch.Tensor | None = None

@@ -92,6 +92,20 @@ def move_training_state(optimizer: torch.optim.Optimizer, generator: torch.Gener
     return generator
 
 
+CELL_NAMES = {"elman": "Elman", "gru": "GRU", "lstm": "LSTM"}
+
+
+def check_cell(owner: str, cell: Cell, cells: tuple[str, ...]) -> None:
+    """Refuse a cell whose kind is not in ``cells`` (a solver's or a rule's declared cells).
+
+    Raises:
+        TypeError: ``"<owner> supports Elman cells only, got a gru cell"``.
+    """
+    if cell.kind not in cells:
+        names = " and ".join(CELL_NAMES.get(k, k) for k in cells)
+        raise TypeError(f"{owner} supports {names} cells only, got a {cell.kind} cell")
+
+
 def check_mode(mode: str | TargetRule) -> str | TargetRule:
     """``mode`` itself if it names a rule of :data:`RULES` or is a :class:`TargetRule` instance.
 
@@ -105,7 +119,7 @@ def check_mode(mode: str | TargetRule) -> str | TargetRule:
 
 def get_rule(mode: str | TargetRule) -> TargetRule:
     """The :class:`TargetRule` of ``mode`` (a name of :data:`RULES`, or an instance, returned as it is)."""
-    return check_mode(mode) if isinstance(mode, TargetRule) else RULES[check_mode(mode)]
+    return mode if isinstance(mode, TargetRule) else RULES[check_mode(mode)]
 
 
 class TargetRule(ABC):
@@ -165,7 +179,7 @@ class GaitRule(TargetRule):
         gamma: ``> 0``, the increment (``RULES["gait"]`` has the default ``1e-3``, the authors' value).
 
     Raises:
-        ValueError: ``gamma <= 0``. TypeError (at :meth:`back`): a cell without an output nonlinearity (GRU, LSTM).
+        ValueError: ``gamma <= 0``. (:meth:`InverseSolver.propagate` refuses the cells outside :attr:`cells`.)
     """
 
     name = "gait"
@@ -177,10 +191,7 @@ class GaitRule(TargetRule):
         self.gamma = float(gamma)
 
     def back(self, solver, t, delta):
-        nonlinearity = solver.cell.output_nonlinearity
-        if nonlinearity is None:
-            raise TypeError(f"GAIT's rule needs an Elman cell (h = phi(z)), got a {solver.cell.kind} cell")
-        gate = activation_grad_from_output(solver.states[:, t], nonlinearity)  # [B, S]: phi'(z_t)
+        gate = activation_grad_from_output(solver.states[:, t], solver.cell.output_nonlinearity)  # [B, S]: phi'(z_t)
         return solver.difference(t, self.gamma * gate.square() * delta) / self.gamma
 
 
@@ -249,8 +260,7 @@ class InverseSolver(ABC):
         Raises:
             TypeError: a cell kind not in :attr:`cells`. ValueError: shapes that do not match the cell.
         """
-        if cell.kind not in self.cells:
-            raise TypeError(f"{type(self).__name__} takes {', '.join(self.cells)} cells, got a {cell.kind} cell")
+        check_cell(type(self).__name__, cell, self.cells)
         if states.shape[-1] != cell.state_size or x.shape[:2] != states.shape[:2]:
             raise ValueError(
                 f"shape mismatch: x {tuple(x.shape)}, states {tuple(states.shape)}; expected [B, T, D] and "
@@ -324,6 +334,7 @@ class InverseSolver(ABC):
         before it is propagated further."""
         self._check_propagate(direct, mode)
         rule = get_rule(mode)
+        check_cell(f"the {rule.name} rule", self.cell, rule.cells)
 
         def step(t: int, delta: torch.Tensor) -> torch.Tensor:  # delta_{t-1} before the cap [B, S]
             return direct[:, t - 1] + rule.back(self, t, delta)

@@ -91,8 +91,6 @@ class ExactInverse(InverseSolver):
         self._report: dict[str, float] = {}
 
     def bind(self, cell, x, states):
-        if cell.output_nonlinearity is None:
-            raise TypeError(f"the exact inverse needs an Elman cell, got a {cell.kind} cell")
         super().bind(cell, x, states)
         self.params: ElmanParams = cell.elman_params()
         self.w_inv_t = inverse_weight(self.params.weight_hh).T  # [H, H]: W^{-T}, so that rows map as u @ W^{-T}
@@ -103,8 +101,7 @@ class ExactInverse(InverseSolver):
     def drive(self) -> torch.Tensor:
         """``U x_t + b`` ``[B, T, H]``, built at the first use after :meth:`bind` (only :meth:`invert` needs it)."""
         if self._drive is None:
-            p = self.params
-            self._drive = self.x @ p.weight_ih.T + p.bias  # [B, T, H]
+            self._drive = self.params.drive(self.x)  # [B, T, H]
         return self._drive
 
     def invert(self, t, v):

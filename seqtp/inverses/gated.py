@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .._cells import Cell, activation, activation_grad_from_output
-from .base import InverseSolver, move_training_state
+from .base import InverseSolver, check_cell, move_training_state
 
 __all__ = ["FEEDBACK_INITS", "GatedLinearFeedback", "LDRLFeedback", "feedback_angle", "ldrl_loss"]
 
@@ -229,9 +229,7 @@ class LDRLFeedback(InverseSolver):
 
     def _ensure(self, cell: Cell, states: torch.Tensor) -> GatedLinearFeedback:
         """Create the feedback on first use; check the cell and size and follow the states' device and dtype."""
-        if cell.kind != "elman":
-            raise TypeError(f"the L-DRL feedback supports Elman cells only (its gated linear map), got a {cell.kind} "
-                            f"cell")
+        check_cell(type(self).__name__, cell, self.cells)  # fit runs before bind
         weight_hh = cell.params["weight_hh_l0"]
         if self.feedback is None:
             self._build(cell.hidden_size, states.device, states.dtype, weight_hh)
